@@ -1,0 +1,1 @@
+"""Model repository: models/<name>/<version>/model.yaml, weights and model card."""

@@ -1,0 +1,213 @@
+"""The model.yaml schema, as typed dataclasses checked at construction.
+
+A model version directory ``models/<name>/<version>/`` holds ``model.yaml``, the weights and a model
+card. ``ModelConfig.from_yaml`` validates the YAML against these classes; every bound violated raises
+ValueError quoting the offending value and its key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TASKS = ("detection", "segmentation")
+MODALITIES = ("CT", "MR", "CR", "DX")
+AUTOCAST = ("none", "bf16", "fp16")
+# A network's `target` must live in one of these packages: model.yaml is data, not a way to run any code.
+ALLOWED_TARGET_PREFIXES = ("monai.", "inference.networks.")
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    spacing_mm: tuple[float, ...] = (2.0, 2.0, 2.0)
+    # Intensity window mapped linearly to [b_min, b_max] (clipped), e.g. HU for CT.
+    a_min: float = -1000.0
+    a_max: float = 500.0
+    b_min: float = 0.0
+    b_max: float = 1.0
+    clip: bool = True
+    # Per-image z-score normalisation instead of a fixed window (MR).
+    normalize: str = "window"  # window | zscore
+
+    def __post_init__(self) -> None:
+        for s in self.spacing_mm:
+            _positive("preprocessing.spacing_mm", s)
+        if not self.a_max > self.a_min:
+            raise ValueError(f"preprocessing.a_max ({self.a_max}) must exceed a_min ({self.a_min})")
+        if self.normalize not in ("window", "zscore"):
+            raise ValueError(f"preprocessing.normalize must be 'window' or 'zscore', got {self.normalize!r}")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    target: str  # dotted path of a class or factory, e.g. inference.networks.retinanet.build_retinanet
+    args: dict[str, Any] = field(default_factory=dict)
+    weights: str = "model.pt"  # relative to the version directory
+
+    def __post_init__(self) -> None:
+        if not self.target.startswith(ALLOWED_TARGET_PREFIXES):
+            raise ValueError(
+                f"network.target {self.target!r} is not allowed; it must start with one of {ALLOWED_TARGET_PREFIXES}"
+            )
+
+
+@dataclass(frozen=True)
+class InfererConfig:
+    roi_size: tuple[int, ...] = (96, 96, 96)
+    overlap: float = 0.25
+
+    def __post_init__(self) -> None:
+        for s in self.roi_size:
+            if int(s) != s or s < 8:
+                raise ValueError(f"inferer.roi_size entries must be integers >= 8, got {self.roi_size!r}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"inferer.overlap must be in [0, 1), got {self.overlap!r}")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Anchor layout of a RetinaNet detector (what MONAI's AnchorGeneratorWithAnchorShape needs)."""
+
+    feature_map_scales: tuple[int, ...] = (1, 2, 4)
+    base_anchor_shapes: tuple[tuple[float, ...], ...] = ((6, 8, 4), (8, 6, 5), (10, 10, 6))
+    size_divisible: tuple[int, ...] = (16, 16, 8)
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    score_threshold: float = 0.5
+    nms_iou: float = 0.2
+    min_size_mm: float = 0.0
+    max_detections: int = 20
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise ValueError(f"postprocessing.score_threshold must be in [0, 1], got {self.score_threshold!r}")
+        if not 0.0 < self.nms_iou <= 1.0:
+            raise ValueError(f"postprocessing.nms_iou must be in (0, 1], got {self.nms_iou!r}")
+        if self.max_detections < 1:
+            raise ValueError(f"postprocessing.max_detections must be >= 1, got {self.max_detections!r}")
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 4
+    max_queue_delay_ms: float = 5.0
+    max_queue_size: int = 256  # patches or images waiting; beyond it a read gets UNAVAILABLE
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_batch_size <= 4096:
+            raise ValueError(f"batching.max_batch_size must be in [1, 4096], got {self.max_batch_size!r}")
+        if not 0.0 <= self.max_queue_delay_ms <= 60_000:
+            raise ValueError(f"batching.max_queue_delay_ms must be in [0, 60000], got {self.max_queue_delay_ms!r}")
+        if self.max_queue_size < self.max_batch_size:
+            raise ValueError(
+                f"batching.max_queue_size ({self.max_queue_size}) must be >= max_batch_size ({self.max_batch_size})"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    version: str
+    task: str
+    modalities: tuple[str, ...]
+    labels: tuple[str, ...]
+    network: NetworkConfig
+    preprocessing: PreprocessConfig = field(default_factory=PreprocessConfig)
+    inferer: InfererConfig = field(default_factory=InfererConfig)
+    detector: DetectorConfig | None = None
+    postprocessing: PostprocessConfig = field(default_factory=PostprocessConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    autocast: str = "bf16"  # applies on CUDA only
+    description: str = ""
+    directory: Path | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or ":" in self.name:
+            raise ValueError(f"model name {self.name!r} must be non-empty without '/' or ':'")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        bad = [m for m in self.modalities if m not in MODALITIES]
+        if not self.modalities or bad:
+            raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {list(self.modalities)!r}")
+        if not self.labels:
+            raise ValueError("labels must name at least one class")
+        if self.autocast not in AUTOCAST:
+            raise ValueError(f"autocast must be one of {AUTOCAST}, got {self.autocast!r}")
+        if self.task == "detection" and self.detector is None:
+            raise ValueError("a detection model needs a 'detector' section (anchor shapes)")
+        if len(self.inferer.roi_size) != len(self.preprocessing.spacing_mm):
+            raise ValueError(
+                f"inferer.roi_size {self.inferer.roi_size!r} and preprocessing.spacing_mm "
+                f"{self.preprocessing.spacing_mm!r} must have the same number of dimensions"
+            )
+
+    @property
+    def weights_path(self) -> Path:
+        if self.directory is None:
+            raise ValueError(f"model {self.name}:{self.version} has no directory")
+        return self.directory / self.network.weights
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, version: str, directory: Path | None = None) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"model.yaml must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"version", "directory"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"model.yaml has unknown keys {unknown}; known keys are {sorted(known)}")
+        sections = {
+            "network": NetworkConfig,
+            "preprocessing": PreprocessConfig,
+            "inferer": InfererConfig,
+            "detector": DetectorConfig,
+            "postprocessing": PostprocessConfig,
+            "batching": BatchingConfig,
+        }
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in sections and value is not None:
+                kwargs[key] = _build_section(sections[key], key, value)
+            elif key in ("modalities", "labels"):
+                kwargs[key] = tuple(str(v) for v in value)
+            else:
+                kwargs[key] = value
+        for required in ("name", "task", "modalities", "labels", "network"):
+            if required not in kwargs:
+                raise ValueError(f"model.yaml misses the required key {required!r}")
+        return cls(version=str(version), directory=directory, **kwargs)
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> ModelConfig:
+        """Load ``models/<name>/<version>/model.yaml``; the version is the directory's name."""
+        path = Path(path)
+        with path.open() as f:
+            data = yaml.safe_load(f)
+        return cls.from_dict(data, version=path.parent.name, directory=path.parent)
+
+
+def _to_tuple(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_to_tuple(v) for v in value)
+    return value
+
+
+def _build_section(section_cls: type, key: str, value: Any) -> Any:
+    if not isinstance(value, dict):
+        raise ValueError(f"model.yaml section {key!r} must be a mapping, got {type(value).__name__}")
+    known = {f.name for f in dataclasses.fields(section_cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"model.yaml section {key!r} has unknown keys {unknown}; known keys are {sorted(known)}")
+    kwargs = {k: (v if k == "args" else _to_tuple(v)) for k, v in value.items()}
+    return section_cls(**kwargs)
