@@ -1,0 +1,47 @@
+# radserve: `make serve` and `make test` are all a newcomer needs (both create .venv on first use).
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 50051
+DEVICE ?= auto
+
+.PHONY: venv serve test test-fast lint format proto demo bench train clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+serve: venv  ## start the server on $(HOST):$(PORT) with the bundled models on the best device
+	$(VENV)/bin/radserve serve --host $(HOST) --port $(PORT) --models models --device $(DEVICE)
+
+test: venv  ## the whole test suite (GPU tests skip without CUDA)
+	$(PY) -m pytest -q -ra
+
+test-fast: venv  ## everything but the tests marked slow
+	$(PY) -m pytest -q -ra -m "not slow"
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+proto: venv  ## regenerate inference/api/gen from proto/ (tests/api/test_stubs.py fails when stale)
+	$(PY) tools/gen_proto.py
+
+demo: venv  ## read a synthetic chest CT through a running server (start one with `make serve`)
+	$(VENV)/bin/radserve demo --server $(HOST):$(PORT)
+
+train: venv  ## retrain the bundled lung nodule detector (CPU: about 25 minutes)
+	$(PY) models/lung_nodule_ct/train.py --out models/lung_nodule_ct/1
+
+clean:
+	rm -rf .pytest_cache .ruff_cache build dist *.egg-info
+	find . -name __pycache__ -prune -not -path "./$(VENV)/*" -exec rm -rf {} +

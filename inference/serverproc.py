@@ -1,0 +1,101 @@
+"""Run `radserve serve` in a child process: for tests, benchmarks and the soak run.
+
+The child gets a free port on the loopback interface; ``start`` returns once gRPC health says SERVING.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def health_status(target: str, service: str = "", timeout_s: float = 2.0) -> int | None:
+    """The health status of ``service`` at ``target``, or None when the server does not answer."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
+        except grpc.RpcError:
+            return None
+    return response.status
+
+
+class ServerProcess:
+    def __init__(
+        self,
+        *,
+        models: Path = Path("models"),
+        device: str = "cpu",
+        log_path: Path | None = None,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.host = host
+        self.port = free_port(host)
+        self.log_path = log_path
+        self.args = [sys.executable, "-m", "inference.cli", "serve", "--host", host, "--port", str(self.port)]
+        self.args += ["--models", str(models), "--device", device, *(extra_args or [])]
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log = None
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def spawn(self) -> ServerProcess:
+        """Start the child and return at once (health answers NOT_SERVING while models load)."""
+        self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        return self
+
+    def start(self, timeout_s: float = 180.0) -> ServerProcess:
+        """Spawn and wait until health says SERVING."""
+        self.spawn()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with code {self.process.returncode} during start-up")
+            if health_status(self.target) == health_pb2.HealthCheckResponse.SERVING:
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"server not SERVING within {timeout_s} s")
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM, then wait; returns the exit code (SIGKILL after ``timeout_s``)."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log not in (None, subprocess.DEVNULL):
+            self._log.close()
+        return self.process.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
