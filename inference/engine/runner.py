@@ -40,7 +40,9 @@ class ModelRunner:
         self.task = task
         self.backend = backend
         self._io_executor = io_executor
-        self.batcher = DynamicBatcher(f"{config.name}:{config.version}", self._forward, config.batching)
+        self.batcher = DynamicBatcher(
+            f"{config.name}:{config.version}", self._forward, config.batching, item_shape=task.item_shape
+        )
 
     @property
     def key(self) -> str:
