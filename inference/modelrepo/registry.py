@@ -20,21 +20,24 @@ from inference.modelrepo.schema import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-# task name -> "module:Class"; imported on first use.
+# (task, spatial dims of the network input) -> "module:Class"; imported on first use.
 TASK_CLASSES = {
-    "detection": "inference.tasks.detection:DetectionTask",
+    ("detection", 3): "inference.tasks.detection:DetectionTask",
+    ("segmentation", 3): "inference.tasks.segmentation:SegmentationTask",
+    ("detection", 2): "inference.tasks.projection:ProjectionDetectionTask",
 }
 
 
-def task_class(task: str) -> type[Task]:
-    if task not in TASK_CLASSES:
-        raise ValueError(f"no implementation for task {task!r}; known: {sorted(TASK_CLASSES)}")
-    module, name = TASK_CLASSES[task].split(":")
+def task_class(config: ModelConfig) -> type[Task]:
+    key = (config.task, len(config.inferer.roi_size))
+    if key not in TASK_CLASSES:
+        raise ValueError(f"no implementation for a {key[1]}-D {key[0]} model; known: {sorted(TASK_CLASSES)}")
+    module, name = TASK_CLASSES[key].split(":")
     return getattr(importlib.import_module(module), name)
 
 
 def build_runner(config: ModelConfig, device: torch.device, io_executor: Executor | None = None) -> ModelRunner:
-    task = task_class(config.task)(config, device)
+    task = task_class(config)(config, device)
     backend = TorchBackend.from_weights(task.build_network(), config.weights_path, device, autocast=config.autocast)
     return ModelRunner(config, task, backend, io_executor)
 
