@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     read.add_argument("--modality", default="", help="modality of a NIfTI study (default CT)")
     read.add_argument("--stat", action="store_true", help="STAT priority (before ROUTINE work)")
     read.add_argument("--timeout-s", type=float, default=600.0, help="deadline of the read")
+    read.add_argument("--sr", type=Path, default=None, help="write the DICOM SR measurement report (TID 1500) here")
+    read.add_argument("--seg", type=Path, default=None, help="write the DICOM Segmentation here")
 
     models = sub.add_parser("models", help="inspect the models of a server")
     models_sub = models.add_subparsers(dest="models_command", required=True)
@@ -132,7 +134,10 @@ def _read(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: INVALID_ARGUMENT: {exc}", file=sys.stderr)
         return 2
+    from inference.api.gen.radserve.v1 import reading_pb2 as pb
+
     name, _, version = args.model.partition(":")
+    outputs = [pb.FINDINGS] + [pb.DICOM_SR] * (args.sr is not None) + [pb.DICOM_SEG] * (args.seg is not None)
     client = ReadingClient(args.server)
     try:
         response = client.read(
@@ -140,8 +145,9 @@ def _read(args: argparse.Namespace) -> int:
             payload_kind=kind,
             model=name,
             model_version=version,
-            priority=2 if args.stat else 1,
+            priority=pb.STAT if args.stat else pb.ROUTINE,
             modality=args.modality,
+            outputs=outputs,
             timeout_s=args.timeout_s,
             progress=_Progress(sum(f.stat().st_size for f in files)),
         )
@@ -149,6 +155,10 @@ def _read(args: argparse.Namespace) -> int:
         return _error(exc)
     finally:
         client.close()
+    for path, data, what in ((args.sr, response.dicom_sr, "DICOM SR"), (args.seg, response.dicom_seg, "DICOM SEG")):
+        if path is not None and data:
+            path.write_bytes(data)
+            print(f"wrote {what} to {path}", file=sys.stderr)
     result = response_to_json(response)
     print(json.dumps(result, indent=2) if args.format == "json" else _table(result))
     return 0

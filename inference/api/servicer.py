@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -15,9 +16,10 @@ from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.api.gen.radserve.v1 import reading_pb2_grpc as pb_grpc
 from inference.api.interceptors import request_id_var
 from inference.engine.scheduler import Priority
-from inference.errors import ShuttingDownError, UnsupportedError
+from inference.errors import InvalidInputError, ShuttingDownError
 from inference.io.limits import InputLimits
 from inference.modelrepo.registry import ModelRegistry
+from inference.outputs.derived import DerivedObjects, build_derived
 from inference.postprocess.finding import Finding
 
 logger = logging.getLogger(__name__)
@@ -66,10 +68,10 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         upload = await uploads.receive(request_iterator, self._limits)
         request_id_var.set(upload.request_id)
         header = upload.header
-        wanted = {o for o in header.outputs if o not in (pb.OUTPUT_KIND_UNSPECIFIED, pb.FINDINGS)}
-        if wanted:
-            names = ", ".join(sorted(pb.OutputKind.Name(o) for o in wanted))
-            raise UnsupportedError(f"output {names} is not available on this server yet; request FINDINGS")
+        wanted = set(header.outputs)
+        unknown = wanted - {pb.OUTPUT_KIND_UNSPECIFIED, pb.FINDINGS, pb.DICOM_SR, pb.DICOM_SEG}
+        if unknown:
+            raise InvalidInputError(f"header.outputs holds unknown OutputKind values {sorted(unknown)}")
         loop = asyncio.get_running_loop()
         decode_start = time.perf_counter()
         volume = await loop.run_in_executor(self._io_executor, uploads.decode, upload, self._limits)
@@ -88,6 +90,24 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         priority = Priority.STAT if header.priority == pb.STAT else Priority.ROUTINE
         result = await runner.read(volume, request_id=upload.request_id, priority=priority, deadline_s=deadline_s)
         timing = {"receive": upload.receive_ms, "decode": decode_ms, **result.timing_ms}
+        derived = DerivedObjects()
+        if pb.DICOM_SR in wanted or pb.DICOM_SEG in wanted:
+            encode_start = time.perf_counter()
+            derived = await loop.run_in_executor(
+                self._io_executor,
+                functools.partial(
+                    build_derived,
+                    volume,
+                    result.findings,
+                    result.masks,
+                    model_name=runner.config.name,
+                    model_version=runner.config.version,
+                    want_sr=pb.DICOM_SR in wanted,
+                    want_seg=pb.DICOM_SEG in wanted,
+                    source_files=[bytes(f) for f in upload.files] if pb.DICOM_SEG in wanted else (),
+                ),
+            )
+            timing["encode"] = (time.perf_counter() - encode_start) * 1e3
         timing["total"] = (time.perf_counter() - start) * 1e3
         logger.info("request %s: %d findings in %.0f ms", upload.request_id, len(result.findings), timing["total"])
         return pb.ReadResponse(
@@ -96,8 +116,10 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
             model_version=runner.config.version,
             findings=[finding_to_proto(f) for f in result.findings],
             timing_ms=timing,
-            warnings=result.warnings,
+            warnings=[*result.warnings, *derived.warnings],
             device=str(runner.device),
+            dicom_sr=derived.sr,
+            dicom_seg=derived.seg,
         )
 
     async def ListModels(  # noqa: N802 - gRPC method name

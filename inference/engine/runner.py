@@ -14,6 +14,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from inference.backends.base import Backend
@@ -32,6 +33,7 @@ class ReadResult:
     findings: list[Finding]
     timing_ms: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    masks: dict[str, np.ndarray] | None = None  # label -> bool mask in the input grid (segmentation models)
 
 
 class ModelRunner:
@@ -89,4 +91,4 @@ class ModelRunner:
         findings = await loop.run_in_executor(self._io_executor, self.task.finalize, volume, prepared, results)
         timing["postprocess"] = (time.perf_counter() - start) * 1e3
         logger.debug("request %s: %d items, %d findings", request_id, len(prepared.items), len(findings))
-        return ReadResult(findings, timing, list(volume.warnings))
+        return ReadResult(findings, timing, list(volume.warnings), self.task.masks(prepared))

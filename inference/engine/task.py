@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from inference.io.volume import Volume
@@ -53,6 +54,11 @@ class Task(ABC):
     def split_outputs(self, outputs: Any, batch_size: int) -> list[Any]:
         """Split one batched network output into ``batch_size`` per-item results (small, on the CPU)."""
         raise NotImplementedError(f"{type(self).__name__} must implement split_outputs")
+
+    def masks(self, prepared: PreparedStudy) -> dict[str, np.ndarray] | None:
+        """After ``finalize``: label -> boolean mask in the input volume's grid, for DICOM SEG; None if the
+        task produces no masks (detection)."""
+        return None
 
     @abstractmethod
     def finalize(self, volume: Volume, prepared: PreparedStudy, results: list[Any]) -> list[Finding]:

@@ -10,13 +10,18 @@ import numpy as np
 import pydicom
 import pytest
 
+from inference.outputs import validate_findings_json
 from inference.phantoms import make_chest_ct, write_dicom_series
 
 MATCH_MM = 3.0
 
 
 def radserve(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "inference.cli", *args], capture_output=True, text=True, timeout=600)
+    """Run the CLI; every JSON it prints is checked against the published findings schema."""
+    result = subprocess.run([sys.executable, "-m", "inference.cli", *args], capture_output=True, text=True, timeout=600)
+    if result.returncode == 0 and "json" in args:
+        validate_findings_json(json.loads(result.stdout))
+    return result
 
 
 def match(findings: list[dict], lesions) -> tuple[dict, list[dict]]:
@@ -125,3 +130,44 @@ def test_bad_input_gets_a_precise_status_and_the_server_stays_up(server, tmp_pat
     assert result.stderr.startswith("error: NOT_FOUND:"), result.stderr
 
     assert radserve("models", "list", "--server", server.target).returncode == 0
+
+
+def test_sr_and_seg_come_back_valid_and_equal_to_the_findings(server, flipped_study, tmp_path):
+    import shutil
+
+    import highdicom as hd
+
+    _, folder, files = flipped_study
+    sr_path, seg_path = tmp_path / "sr.dcm", tmp_path / "seg.dcm"
+    args = ("read", str(folder), "--server", server.target, "--format", "json", "--sr", str(sr_path))
+    result = radserve(*args, "--seg", str(seg_path))
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout)
+    assert body["findings"], "the phantom has planted nodules"
+
+    source_uids = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
+    study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    sr = hd.sr.srread(sr_path)
+    assert sr.StudyInstanceUID == study_uid
+    groups = sr.content.get_planar_roi_measurement_groups()
+    assert len(groups) == len(body["findings"])
+    for group, finding in zip(groups, body["findings"], strict=True):
+        np.testing.assert_allclose(group.roi.value[0], finding["center_mm"], atol=1e-2)
+        diameter = next(m for m in group.get_measurements() if m.name.meaning == "Diameter")
+        assert diameter.value == pytest.approx(finding["diameter_mm"], abs=1e-2)
+        for measurement in group.get_measurements():
+            assert {r.referenced_sop_instance_uid for r in measurement.referenced_images} <= source_uids
+
+    seg = hd.seg.segread(seg_path)
+    assert seg.StudyInstanceUID == study_uid
+    assert {ref.ReferencedSOPInstanceUID for ref in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence} <= (
+        source_uids
+    )
+
+    if shutil.which("dciodvfy"):
+        for path in (sr_path, seg_path):
+            check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+            errors = [line for line in (check.stdout + check.stderr).splitlines() if "Error" in line]
+            assert not errors, errors
+    if shutil.which("dsrdump"):
+        assert subprocess.run(["dsrdump", str(sr_path)], capture_output=True, timeout=60).returncode == 0
