@@ -1,0 +1,44 @@
+"""Run a Task end to end in-process, without the server: training evaluation and benchmark baselines.
+
+The same stages as a read through the service (prepare -> batched forward -> split_outputs -> finalize),
+minus the queueing, so findings match what the service returns for the same weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from inference.engine.task import Task
+from inference.io.volume import Volume
+from inference.platform import autocast_dtype
+from inference.postprocess.finding import Finding
+
+__all__ = ["load_network", "run_direct"]
+
+
+def load_network(task: Task) -> torch.nn.Module:
+    """The task's network with the model version's weights, in eval mode on the task's device."""
+    network = task.build_network()
+    state = torch.load(task.config.weights_path, map_location="cpu", weights_only=True)
+    network.load_state_dict(state)
+    return network.to(task.device).eval()
+
+
+def run_direct(task: Task, network: torch.nn.Module, volume: Volume, batch_size: int = 4) -> list[Finding]:
+    """Read one study: prepare, forward the items in batches of ``batch_size``, split, finalize."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = task.device
+    dtype = autocast_dtype(device, task.config.autocast)
+    prepared = task.prepare(volume)
+    results = []
+    with torch.inference_mode():
+        for start in range(0, len(prepared.items), batch_size):
+            batch = torch.stack(prepared.items[start : start + batch_size]).to(device)
+            if dtype is None:
+                outputs = network(batch)
+            else:
+                with torch.autocast(device_type=device.type, dtype=dtype):
+                    outputs = network(batch)
+            results.extend(task.split_outputs(outputs, batch.shape[0]))
+    return task.finalize(volume, prepared, results)
