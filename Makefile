@@ -6,7 +6,11 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 DEVICE ?= auto
 
-.PHONY: venv serve test test-fast lint format proto demo bench train clean
+TRITON_VENV ?= .venv-triton
+TRITON_REPO ?= out/triton-repository
+TRITON_PORT ?= 8001
+
+.PHONY: venv serve test test-fast lint format proto demo bench train clean venv-triton triton-export triton-serve
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,10 +20,22 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The local Triton Inference Server's own environment (nvidia-pytriton needs numpy < 2; radserve has numpy 2).
+$(TRITON_VENV)/.radserve-installed: inference/triton/requirements.txt | venv
+	$(VENV)/bin/radserve triton venv --venv $(TRITON_VENV)
+
+venv-triton: $(TRITON_VENV)/.radserve-installed  ## Triton's environment (nvidia-pytriton, CPU torch): about 4 minutes
+
+triton-export: venv  ## the Triton model repository of models/ for NVIDIA's Triton container (libtorch, GPU)
+	$(VENV)/bin/radserve triton export --out $(TRITON_REPO) --models models
+
+triton-serve: venv venv-triton  ## a local Triton on models/ (gRPC $(TRITON_PORT)); then `radserve serve --backend triton`
+	$(VENV)/bin/radserve triton serve --models models --venv $(TRITON_VENV) --grpc-port $(TRITON_PORT)
+
 serve: venv  ## start the server on $(HOST):$(PORT) with the bundled models on the best device
 	$(VENV)/bin/radserve serve --host $(HOST) --port $(PORT) --models models --device $(DEVICE)
 
-test: venv  ## the whole test suite (GPU tests skip without CUDA)
+test: venv venv-triton  ## the whole test suite (GPU tests skip without CUDA; Triton tests use .venv-triton)
 	$(PY) -m pytest -q -ra
 
 test-fast: venv  ## everything but the tests marked slow

@@ -8,6 +8,7 @@ ValueError quoting the offending value and its key.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,14 @@ import yaml
 TASKS = ("detection", "segmentation")
 MODALITIES = ("CT", "MR", "CR", "DX")
 AUTOCAST = ("none", "bf16", "fp16")
+BACKENDS = ("torch", "triton")
 # A network's `target` must live in one of these packages: model.yaml is data, not a way to run any code.
-ALLOWED_TARGET_PREFIXES = ("monai.", "inference.networks.")
+# Network packages only: "monai." as a whole would admit e.g. monai.bundle.run, which evaluates a config file.
+ALLOWED_TARGET_PREFIXES = ("monai.networks.", "monai.apps.detection.networks.", "inference.networks.")
+# network.target of a model loaded from a MONAI bundle: the network comes from ModelConfig.network_factory
+# (the bundle's network_def, built by MONAI's ConfigParser; see inference/modelrepo/bundle.py). model.yaml
+# cannot use it: it cannot supply a factory, and a config with this target and no factory is rejected.
+BUNDLE_NETWORK_TARGET = "bundle:network_def"
 
 
 def _positive(name: str, value: float) -> None:
@@ -35,16 +42,26 @@ class PreprocessConfig:
     b_min: float = 0.0
     b_max: float = 1.0
     clip: bool = True
-    # Per-image z-score normalisation instead of a fixed window (MR).
-    normalize: str = "window"  # window | zscore
+    # Per-image z-score normalisation instead of a fixed window (MR), or a per-image window between two
+    # intensity percentiles mapped to [b_min, b_max] (projection X-ray, whose stored values have no fixed scale).
+    normalize: str = "window"  # window | zscore | percentile
+    percentile_low: float = 1.0
+    percentile_high: float = 99.0
 
     def __post_init__(self) -> None:
         for s in self.spacing_mm:
             _positive("preprocessing.spacing_mm", s)
         if not self.a_max > self.a_min:
             raise ValueError(f"preprocessing.a_max ({self.a_max}) must exceed a_min ({self.a_min})")
-        if self.normalize not in ("window", "zscore"):
-            raise ValueError(f"preprocessing.normalize must be 'window' or 'zscore', got {self.normalize!r}")
+        if self.normalize not in ("window", "zscore", "percentile"):
+            raise ValueError(
+                f"preprocessing.normalize must be 'window', 'zscore' or 'percentile', got {self.normalize!r}"
+            )
+        if not 0.0 <= self.percentile_low < self.percentile_high <= 100.0:
+            raise ValueError(
+                f"preprocessing.percentile_low ({self.percentile_low}) and percentile_high ({self.percentile_high}) "
+                "must satisfy 0 <= low < high <= 100"
+            )
 
 
 @dataclass(frozen=True)
@@ -54,7 +71,7 @@ class NetworkConfig:
     weights: str = "model.pt"  # relative to the version directory
 
     def __post_init__(self) -> None:
-        if not self.target.startswith(ALLOWED_TARGET_PREFIXES):
+        if not self.target.startswith(ALLOWED_TARGET_PREFIXES) and self.target != BUNDLE_NETWORK_TARGET:
             raise ValueError(
                 f"network.target {self.target!r} is not allowed; it must start with one of {ALLOWED_TARGET_PREFIXES}"
             )
@@ -88,10 +105,14 @@ class PostprocessConfig:
     nms_iou: float = 0.2
     min_size_mm: float = 0.0
     max_detections: int = 20
+    # Segmentation: connected components smaller than this are dropped.
+    min_volume_ml: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.score_threshold <= 1.0:
             raise ValueError(f"postprocessing.score_threshold must be in [0, 1], got {self.score_threshold!r}")
+        if not self.min_volume_ml >= 0.0:
+            raise ValueError(f"postprocessing.min_volume_ml must be >= 0, got {self.min_volume_ml!r}")
         if not 0.0 < self.nms_iou <= 1.0:
             raise ValueError(f"postprocessing.nms_iou must be in (0, 1], got {self.nms_iou!r}")
         if self.max_detections < 1:
@@ -129,8 +150,14 @@ class ModelConfig:
     postprocessing: PostprocessConfig = field(default_factory=PostprocessConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     autocast: str = "bf16"  # applies on CUDA only
+    # Where the network runs: "torch" (in the server) or "triton" (a Triton Inference Server); unset: the
+    # server's --backend.
+    backend: str | None = None
     description: str = ""
     directory: Path | None = field(default=None, compare=False)
+    # Builds the bare network instead of network.target; set only by the MONAI bundle loader (never from
+    # model.yaml), together with network.target == BUNDLE_NETWORK_TARGET.
+    network_factory: Callable[[], Any] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or ":" in self.name:
@@ -144,8 +171,15 @@ class ModelConfig:
             raise ValueError("labels must name at least one class")
         if self.autocast not in AUTOCAST:
             raise ValueError(f"autocast must be one of {AUTOCAST}, got {self.autocast!r}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.task == "detection" and self.detector is None:
             raise ValueError("a detection model needs a 'detector' section (anchor shapes)")
+        if (self.network.target == BUNDLE_NETWORK_TARGET) != (self.network_factory is not None):
+            raise ValueError(
+                f"network.target {BUNDLE_NETWORK_TARGET!r} and a network factory go together; "
+                "both are set by the MONAI bundle loader only"
+            )
         if len(self.inferer.roi_size) != len(self.preprocessing.spacing_mm):
             raise ValueError(
                 f"inferer.roi_size {self.inferer.roi_size!r} and preprocessing.spacing_mm "
@@ -159,10 +193,17 @@ class ModelConfig:
         return self.directory / self.network.weights
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, version: str, directory: Path | None = None) -> ModelConfig:
+    def from_dict(
+        cls,
+        data: dict[str, Any],
+        *,
+        version: str,
+        directory: Path | None = None,
+        network_factory: Callable[[], Any] | None = None,
+    ) -> ModelConfig:
         if not isinstance(data, dict):
             raise ValueError(f"model.yaml must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)} - {"version", "directory"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"version", "directory", "network_factory"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"model.yaml has unknown keys {unknown}; known keys are {sorted(known)}")
@@ -185,7 +226,7 @@ class ModelConfig:
         for required in ("name", "task", "modalities", "labels", "network"):
             if required not in kwargs:
                 raise ValueError(f"model.yaml misses the required key {required!r}")
-        return cls(version=str(version), directory=directory, **kwargs)
+        return cls(version=str(version), directory=directory, network_factory=network_factory, **kwargs)
 
     @classmethod
     def from_yaml(cls, path: Path) -> ModelConfig:

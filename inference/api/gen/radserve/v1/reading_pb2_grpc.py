@@ -44,6 +44,16 @@ class ReadingServiceStub:
                 request_serializer=radserve_dot_v1_dot_reading__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=radserve_dot_v1_dot_reading__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/radserve.v1.ReadingService/LoadModel',
+                request_serializer=radserve_dot_v1_dot_reading__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=radserve_dot_v1_dot_reading__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/radserve.v1.ReadingService/UnloadModel',
+                request_serializer=radserve_dot_v1_dot_reading__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=radserve_dot_v1_dot_reading__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class ReadingServiceServicer:
@@ -60,7 +70,28 @@ class ReadingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """The models this server has loaded.
+        """The models this server knows, each version with its state (LOADING, READY, FAILED with the reason,
+        UNLOADING), and which model a read naming none gets per modality.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Model management, for operators (README "Models"; off with allow_model_management: PERMISSION_DENIED).
+        LoadModel (re)loads the versions at a path on the SERVER's filesystem and answers once they are READY:
+        NOT_FOUND when the path does not exist, INVALID_ARGUMENT naming each version that failed (it shows as
+        FAILED in ListModels; a version already serving keeps serving). A MONAI bundle is code (its config is
+        evaluated): load only bundles you trust.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """UnloadModel takes a version (or all versions) out of routing at once; reads already running on it finish
+        first (UNLOADING in ListModels meanwhile). NOT_FOUND for an unknown model or version. An unloaded
+        version stays unloaded (the repository poll leaves it alone) until LoadModel loads it again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -78,6 +109,16 @@ def add_ReadingServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=radserve_dot_v1_dot_reading__pb2.ListModelsRequest.FromString,
                     response_serializer=radserve_dot_v1_dot_reading__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=radserve_dot_v1_dot_reading__pb2.LoadModelRequest.FromString,
+                    response_serializer=radserve_dot_v1_dot_reading__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=radserve_dot_v1_dot_reading__pb2.UnloadModelRequest.FromString,
+                    response_serializer=radserve_dot_v1_dot_reading__pb2.UnloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +175,60 @@ class ReadingService:
             '/radserve.v1.ReadingService/ListModels',
             radserve_dot_v1_dot_reading__pb2.ListModelsRequest.SerializeToString,
             radserve_dot_v1_dot_reading__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/radserve.v1.ReadingService/LoadModel',
+            radserve_dot_v1_dot_reading__pb2.LoadModelRequest.SerializeToString,
+            radserve_dot_v1_dot_reading__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/radserve.v1.ReadingService/UnloadModel',
+            radserve_dot_v1_dot_reading__pb2.UnloadModelRequest.SerializeToString,
+            radserve_dot_v1_dot_reading__pb2.UnloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
