@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from inference.api.gen.radserve.v1 import reading_pb2 as pb
+from inference.api.ingest import IngestPolicy, is_referenced, referenced_payload
+from inference.api.interceptors import request_id_var
 from inference.errors import InvalidInputError, LimitExceededError
 from inference.io.dicom import read_dicom_series
 from inference.io.limits import InputLimits
@@ -24,7 +26,7 @@ MODALITIES = ("CT", "MR", "CR", "DX")
 class Upload:
     header: pb.ReadHeader
     request_id: str
-    files: list[bytearray] = field(default_factory=list)
+    files: list[bytearray | bytes] = field(default_factory=list)  # streamed payload; empty for a referenced one
     total_bytes: int = 0
     receive_ms: float = 0.0
 
@@ -51,17 +53,23 @@ async def receive(stream: AsyncIterator[pb.ReadRequest], limits: InputLimits) ->
             if upload is not None:
                 raise InvalidInputError("the header was sent twice; send it once, as the first message")
             upload = Upload(message.header, _request_id(message.header))
+            request_id_var.set(upload.request_id)  # so that a failure while chunks arrive is logged under it
             continue
         if upload is None:
             raise InvalidInputError("the first message of a Read must be the header")
         if kind != "chunk":
             raise InvalidInputError("a Read message must carry a header or a chunk")
-        chunk = message.chunk
-        if len(chunk.data) > limits.max_chunk_bytes:
-            raise LimitExceededError(
-                f"chunk of {len(chunk.data)} bytes exceeds the chunk limit of {limits.max_chunk_bytes} bytes"
+        if is_referenced(upload.header):
+            raise InvalidInputError(
+                "the header references its payload (header.shared_memory or header.file); send no chunks"
             )
-        upload.total_bytes += len(chunk.data)
+        chunk = message.chunk
+        data = chunk.data  # each access of a bytes field copies it: read it once
+        if len(data) > limits.max_chunk_bytes:
+            raise LimitExceededError(
+                f"chunk of {len(data)} bytes exceeds the chunk limit of {limits.max_chunk_bytes} bytes"
+            )
+        upload.total_bytes += len(data)
         if upload.total_bytes > limits.max_request_bytes:
             raise LimitExceededError(f"upload exceeds the request limit of {limits.max_request_bytes} bytes")
         index = chunk.file_index
@@ -69,38 +77,57 @@ async def receive(stream: AsyncIterator[pb.ReadRequest], limits: InputLimits) ->
             if index >= limits.max_files:
                 raise LimitExceededError(f"upload exceeds the limit of {limits.max_files} files per study")
             upload.files.append(bytearray())
+        elif index > len(upload.files):
+            raise InvalidInputError(
+                f"chunk for file {index} arrived before any chunk of file {len(upload.files)}; "
+                "send files in order (file_index 0, 1, 2...), each file's chunks consecutively"
+            )
         elif index != len(upload.files) - 1:
             raise InvalidInputError(
                 f"chunk for file {index} arrived after file {len(upload.files) - 1}; "
                 "send files in order, each file's chunks consecutively"
             )
-        upload.files[index] += chunk.data
+        upload.files[index] += data
     if upload is None:
         raise InvalidInputError("the Read stream was empty; send a header and then the payload")
-    if not upload.files or upload.total_bytes == 0:
+    if (not upload.files or upload.total_bytes == 0) and not is_referenced(upload.header):
         raise InvalidInputError("the Read stream carried no payload")
     upload.receive_ms = (time.perf_counter() - start) * 1e3
     return upload
 
 
-def decode(upload: Upload, limits: InputLimits) -> Volume:
-    """Turn the received payload into a Volume (runs in a worker thread)."""
+def decode(upload: Upload, limits: InputLimits, ingest: IngestPolicy | None = None) -> Volume:
+    """Turn the received (or referenced, see :mod:`inference.api.ingest`) payload into a Volume (worker thread).
+
+    Streamed DICOM files become ``bytes`` in place, one at a time (pydicom takes bytes; the copy of a slice is
+    small), so that ``upload.files`` can still feed a DICOM SEG; RAW and NIfTI bytearrays are read without a copy.
+    """
     header = upload.header
-    modality = header.modality or "CT"
-    if upload.payload != pb.DICOM_FILES and modality not in MODALITIES:
-        raise InvalidInputError(f"header.modality must be one of {MODALITIES}, got {modality!r}")
+    if upload.payload != pb.DICOM_FILES and (header.modality or "CT") not in MODALITIES:
+        raise InvalidInputError(f"header.modality must be one of {MODALITIES}, got {header.modality!r}")
+    if is_referenced(header):
+        with referenced_payload(header, upload.payload, ingest or IngestPolicy(), limits) as referenced:
+            upload.total_bytes = referenced.total_bytes
+            return _read_payload(header, upload.payload, referenced.files, limits)
     if upload.payload == pb.DICOM_FILES:
-        return read_dicom_series(
-            [bytes(f) for f in upload.files], series_instance_uid=header.series_instance_uid or None, limits=limits
-        )
-    if len(upload.files) != 1:
-        raise InvalidInputError(f"a {pb.PayloadKind.Name(upload.payload)} payload is one file, got {len(upload.files)}")
-    if upload.payload == pb.NIFTI:
-        return read_nifti(bytes(upload.files[0]), modality=modality, limits=limits)
-    if upload.payload == pb.RAW:
+        for i, f in enumerate(upload.files):
+            upload.files[i] = bytes(f)
+    return _read_payload(header, upload.payload, upload.files, limits)
+
+
+def _read_payload(header: pb.ReadHeader, payload: int, files: list, limits: InputLimits) -> Volume:
+    """The readers, by payload kind; ``files`` are bytes (DICOM) or any buffer (NIfTI, RAW)."""
+    modality = header.modality or "CT"
+    if payload == pb.DICOM_FILES:
+        return read_dicom_series(files, series_instance_uid=header.series_instance_uid or None, limits=limits)
+    if len(files) != 1:
+        raise InvalidInputError(f"a {pb.PayloadKind.Name(payload)} payload is one file, got {len(files)}")
+    if payload == pb.NIFTI:
+        return read_nifti(files[0], modality=modality, limits=limits)
+    if payload == pb.RAW:
         raw = header.raw
         return read_raw(
-            bytes(upload.files[0]),
+            files[0],
             dtype=raw.dtype,
             shape=tuple(raw.shape),
             affine=tuple(raw.affine) or None,
@@ -108,4 +135,4 @@ def decode(upload: Upload, limits: InputLimits) -> Volume:
             modality=modality,
             limits=limits,
         )
-    raise InvalidInputError(f"header.payload {upload.payload} is not a known PayloadKind")
+    raise InvalidInputError(f"header.payload {payload} is not a known PayloadKind")

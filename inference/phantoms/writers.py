@@ -42,6 +42,9 @@ LOSSLESS_COMPRESSED_SYNTAXES = (RLELossless, JPEG2000Lossless, JPEGLSLossless)
 
 CT_RESCALE_INTERCEPT = -1024.0
 _SOP_CLASS_BY_MODALITY = {"CT": CTImageStorage, "MR": MRImageStorage}
+# The phantoms are a chest CT and a brain MR. Naming the (unpaired) body part is what makes Laterality (0020,0060),
+# Type 2C "if a paired structure", rightly absent: without it dciodvfy reports Laterality missing.
+_BODY_PART_BY_MODALITY = {"CT": "CHEST", "MR": "HEAD"}
 _INT16_MIN, _INT16_MAX = -32768, 32767
 
 # Fixed dates keep phantom files reproducible.
@@ -294,6 +297,7 @@ def _series_header(
     ds.SeriesDescription = f"Synthetic {modality}"
     ds.AcquisitionNumber = 1
     ds.PatientPosition = "HFS"
+    ds.BodyPartExamined = _BODY_PART_BY_MODALITY[modality]
     if modality == "CT":
         ds.KVP = "120"
     else:
