@@ -88,6 +88,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage, generate_uid
+from pydicom.valuerep import DA, TM
 
 from inference.errors import UnsupportedError
 from inference.io.volume import SourceImage, Volume
@@ -397,10 +398,24 @@ def _context(volume: Volume) -> _Context:
     for keyword in _PATIENT_STUDY_TYPE2:
         if keyword not in first:
             setattr(first, keyword, "")
+    _blank_invalid_dates(first)
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID"):
         setattr(first, keyword, getattr(evidence[0], keyword))
     evidence[0] = first
     return _Context(evidence, source.frame_of_reference_uid or None, synthesised=False)
+
+
+def _blank_invalid_dates(ds: Dataset) -> None:
+    """Archives send malformed DA/TM values; the SR copies them as empty (Type 2) rather than failing the read."""
+    for keyword, parse in (("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM)):
+        value = ds.get(keyword)
+        if not value:
+            continue
+        try:
+            if parse(str(value)) is None:
+                raise ValueError("empty")
+        except (TypeError, ValueError):
+            setattr(ds, keyword, "")
 
 
 _PATIENT_STUDY_TYPE2 = (

@@ -229,3 +229,19 @@ def test_bad_finding_values_are_refused(ct_study) -> None:
     ):
         with pytest.raises(ValueError, match="finding 1"):
             build_measurement_report(ct_study.volume, [bad], **MODEL)
+
+
+def test_malformed_source_dates_are_copied_as_empty(ct_study, dciodvfy_errors, tmp_path: Path) -> None:
+    import copy as copy_module
+    import dataclasses
+
+    header = copy_module.deepcopy(ct_study.volume.source.header)
+    header.PatientBirthDate = "NOTADATE"
+    header.StudyTime = "99:99"
+    source = dataclasses.replace(ct_study.volume.source, header=header)
+    volume = dataclasses.replace(ct_study.volume, source=source)
+    path = _write(build_measurement_report(volume, ct_study.findings, **MODEL), tmp_path / "sr.dcm")
+    sr = pydicom.dcmread(path)
+    assert sr.PatientBirthDate == "" and sr.StudyTime == ""
+    assert sr.StudyDate == header.StudyDate  # valid values are still copied
+    assert dciodvfy_errors(path) == []
