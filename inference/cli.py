@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
+import os
 import sys
 import tempfile
 import time
@@ -19,6 +19,19 @@ DEFAULT_SERVER = "127.0.0.1:50051"
 
 def _add_server_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT of a radserve server")
+    parser.add_argument("--ca", type=Path, default=None, help="CA certificate (PEM) of the server: use TLS")
+    parser.add_argument("--tls-cert", type=Path, default=None, help="client certificate (PEM), for mutual TLS")
+    parser.add_argument("--tls-key", type=Path, default=None, help="client private key (PEM), for mutual TLS")
+    parser.add_argument(
+        "--token", default=None, help="bearer token of your tenant (default: the RADSERVE_TOKEN environment variable)"
+    )
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from inference.client import ReadingClient
+
+    token = args.token if args.token is not None else os.environ.get("RADSERVE_TOKEN") or None
+    return ReadingClient(args.server, ca=args.ca, cert=args.tls_cert, key=args.tls_key, token=token)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,10 +43,61 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="port (default 50051; 0 picks a free one)")
     serve.add_argument("--models", type=Path, default=None, help="model repository (default ./models)")
     serve.add_argument("--device", default=None, help="auto|cpu|cuda (default auto)")
-    serve.add_argument("--backend", default=None, choices=["torch"], help="model backend (default torch)")
+    serve.add_argument(
+        "--backend",
+        default=None,
+        choices=["torch", "triton"],
+        help="where networks run: in this process (torch, default) or on a Triton Inference Server (triton)",
+    )
+    serve.add_argument(
+        "--triton-url", default=None, help="HOST:PORT of Triton's gRPC endpoint (default 127.0.0.1:8001)"
+    )
     serve.add_argument("--config", type=Path, default=None, help="YAML file with server settings")
     serve.add_argument("--grace-s", type=float, default=None, help="drain time on SIGTERM (default 30)")
     serve.add_argument("--log-level", default=None, help="DEBUG|INFO|WARNING|ERROR")
+    serve.add_argument("--log-format", default=None, choices=["text", "json"], help="log lines (default text)")
+    serve.add_argument("--tls-cert", type=Path, default=None, help="server certificate (PEM): serve TLS")
+    serve.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
+    serve.add_argument("--tls-client-ca", type=Path, default=None, help="CA of client certificates: mutual TLS")
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow plaintext gRPC on a non-loopback host (e.g. behind a TLS-terminating proxy)",
+    )
+    serve.add_argument("--auth-tokens", type=Path, default=None, help="YAML file of tenant: token (bearer auth)")
+    serve.add_argument("--max-in-flight", type=int, default=None, help="reads in flight before UNAVAILABLE (64)")
+    serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port (9464; 0: off)")
+    serve.add_argument(
+        "--health-port", type=int, default=None, help="plaintext port with gRPC health only, for probes (0: none)"
+    )
+    serve.add_argument(
+        "--model-poll-interval-s",
+        type=float,
+        default=None,
+        help="poll the model repository for new, changed and removed versions this often (default 10; 0: off)",
+    )
+    serve.add_argument(
+        "--default-model",
+        action="append",
+        default=None,
+        metavar="MODALITY=NAME",
+        help="model for studies of MODALITY whose read names none (repeatable; defaults: CT=lung_nodule_ct, "
+        "MR=brain_lesion_mr, CR=chest_xray, DX=chest_xray)",
+    )
+    serve.add_argument(
+        "--oom-cpu-fallback",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run a work item that exhausts GPU memory on the CPU (default on)",
+    )
+    serve.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile every model's network, warmed up before SERVING (CUDA only; default off, or per model: "
+        "compile: true in model.yaml)",
+    )
 
     read = sub.add_parser("read", help="read a study through a server and print the findings")
     read.add_argument("paths", nargs="+", type=Path, help="a folder of DICOM files, DICOM files, or a NIfTI file")
@@ -46,10 +110,24 @@ def _parser() -> argparse.ArgumentParser:
     read.add_argument("--sr", type=Path, default=None, help="write the DICOM SR measurement report (TID 1500) here")
     read.add_argument("--seg", type=Path, default=None, help="write the DICOM Segmentation here")
 
-    models = sub.add_parser("models", help="inspect the models of a server")
+    models = sub.add_parser("models", help="inspect, load and unload the models of a server")
     models_sub = models.add_subparsers(dest="models_command", required=True)
-    listing = models_sub.add_parser("list", help="list loaded models and versions")
+    listing = models_sub.add_parser("list", help="list models, each version's state, and the model per modality")
     _add_server_flag(listing)
+    load = models_sub.add_parser(
+        "load",
+        help="load (or reload) a model version, a model's versions, or a MONAI bundle on the server",
+        description="DIR is a path on the SERVER's filesystem (made absolute when it exists here; a relative "
+        "path that does not is taken relative to the server's model repository): a version directory with "
+        "model.yaml, a model directory (each version below it), or a MONAI bundle directory. A bundle is code: "
+        "load only bundles you trust.",
+    )
+    load.add_argument("dir", help="model, version or MONAI bundle directory")
+    load.add_argument("--timeout-s", type=float, default=600.0, help="how long to wait for the load")
+    _add_server_flag(load)
+    unload = models_sub.add_parser("unload", help="take a model version (or all its versions) out of service")
+    unload.add_argument("model", help="NAME[:VERSION]; without a version, every version of NAME")
+    _add_server_flag(unload)
 
     health = sub.add_parser("health", help="exit 0 when the server's gRPC health is SERVING (for probes)")
     _add_server_flag(health)
@@ -58,6 +136,50 @@ def _parser() -> argparse.ArgumentParser:
     _add_server_flag(demo)
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--out", type=Path, default=None, help="keep the synthetic DICOM series in this folder")
+
+    soak = sub.add_parser("soak", help="a bounded load test of a loopback server: no lost reads, no leak")
+    _add_server_flag(soak)
+    soak.add_argument("--clients", type=int, default=4, help="concurrent clients")
+    soak.add_argument("--duration-s", type=float, default=60.0, help="stop sending after this long")
+    soak.add_argument("--max-reads", type=int, default=1000, help="stop after this many reads")
+    soak.add_argument("--server-pid", type=int, default=None, help="pid of the server (restart and RSS checks)")
+    soak.add_argument("--spawn", action="store_true", help="start a server on a free loopback port for the soak")
+    soak.add_argument("--models", type=Path, default=Path("models"), help="model repository of a --spawn server")
+    soak.add_argument("--max-rss-growth-mb", type=float, default=100.0, help="allowed RSS growth after warm-up")
+    soak.add_argument("--seed", type=int, default=0)
+
+    triton = sub.add_parser("triton", help="export the models for, or run, a Triton Inference Server")
+    triton_sub = triton.add_subparsers(dest="triton_command", required=True)
+    export = triton_sub.add_parser(
+        "export", help="write a Triton model repository (TorchScript + config.pbtxt), each export checked"
+    )
+    export.add_argument("--out", type=Path, required=True, help="the Triton model repository to write")
+    export.add_argument("--models", type=Path, default=Path("models"), help="radserve model repository")
+    export.add_argument(
+        "--runtime",
+        choices=["pytorch", "python"],
+        default="pytorch",
+        help="Triton backend: pytorch (libtorch, NVIDIA's container; default) or python (model.py + torch)",
+    )
+    export.add_argument("--instance-kind", choices=["gpu", "cpu"], default=None, help="default: gpu for pytorch")
+    export.add_argument("--instances", type=int, default=1, help="model instances per device (default 1)")
+    export.add_argument("--device", default="cpu", help="where to trace and check (default cpu)")
+    export.add_argument("--model", action="append", default=[], help="export only this model (repeatable)")
+    export.add_argument("--tolerance", type=float, default=1e-4, help="largest relative error allowed (fp32)")
+    tserve = triton_sub.add_parser(
+        "serve", help="export the models (cached) and run a local Triton Inference Server on them"
+    )
+    tserve.add_argument("--grpc-port", type=int, default=8001)
+    tserve.add_argument("--http-port", type=int, default=8000, help="0 disables HTTP")
+    tserve.add_argument("--metrics-port", type=int, default=8002, help="0 disables metrics")
+    tserve.add_argument("--host", default="127.0.0.1", help="address Triton binds (default 127.0.0.1)")
+    tserve.add_argument("--models", type=Path, default=Path("models"), help="radserve model repository")
+    tserve.add_argument("--repository", type=Path, default=None, help="serve this exported repository as it is")
+    tserve.add_argument("--model", action="append", default=[], help="serve only this model (repeatable)")
+    tserve.add_argument("--venv", type=Path, default=None, help="Triton's virtual environment (default .venv-triton)")
+    tserve.add_argument("--cache-dir", type=Path, default=None, help="exports cache (default ~/.cache/radserve)")
+    tvenv = triton_sub.add_parser("venv", help="create or update Triton's virtual environment, print its path")
+    tvenv.add_argument("--venv", type=Path, default=None, help="where (default .venv-triton in a checkout)")
     return parser
 
 
@@ -127,7 +249,7 @@ class _Progress:
 
 
 def _read(args: argparse.Namespace) -> int:
-    from inference.client import ReadingClient, collect_files
+    from inference.client import collect_files
 
     try:
         files, kind = collect_files(args.paths)
@@ -138,7 +260,7 @@ def _read(args: argparse.Namespace) -> int:
 
     name, _, version = args.model.partition(":")
     outputs = [pb.FINDINGS] + [pb.DICOM_SR] * (args.sr is not None) + [pb.DICOM_SEG] * (args.seg is not None)
-    client = ReadingClient(args.server)
+    client = _client(args)
     try:
         response = client.read(
             files,
@@ -164,26 +286,44 @@ def _read(args: argparse.Namespace) -> int:
     return 0
 
 
-def _models(args: argparse.Namespace) -> int:
-    from inference.client import ReadingClient
+def _print_models(models: Any) -> None:
+    for m in models:
+        print(f"{m.name:<24} {m.task or '-':<13} {'/'.join(m.modalities) or '-':<8} {m.device:<8}")
+        for v in m.versions:
+            default = "  (default)" if v.version == m.default_version and v.state == "READY" else ""
+            sha = f"  weights {v.weights_sha256[:12]}" if v.weights_sha256 else ""
+            reason = f"  {v.reason}" if v.reason else ""
+            print(f"    {v.version:<12} {v.state:<10}{default}{sha}{reason}")
 
-    client = ReadingClient(args.server)
+
+def _models(args: argparse.Namespace) -> int:
+    client = _client(args)
     try:
+        if args.models_command == "load":
+            path = Path(args.dir).expanduser()
+            target = str(path.resolve()) if path.exists() else args.dir
+            response = client.load_model(target, timeout_s=args.timeout_s)
+            _print_models(response.models)
+            return 0
+        if args.models_command == "unload":
+            name, _, version = args.model.partition(":")
+            response = client.unload_model(name, version)
+            print("unloaded " + ", ".join(response.unloaded))
+            return 0
         response = client.list_models()
     except grpc.RpcError as exc:
         return _error(exc)
     finally:
         client.close()
-    for m in response.models:
-        versions = ", ".join(f"{v.version} ({v.state})" for v in m.versions)
-        print(f"{m.name:<20} {m.task:<13} {'/'.join(m.modalities):<8} {m.device:<8} versions: {versions}")
+    _print_models(response.models)
+    if response.default_models:
+        print("by modality: " + ", ".join(f"{k} -> {v}" for k, v in sorted(response.default_models.items())))
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from inference.client import ReadingClient
     from inference.phantoms import make_chest_ct, write_dicom_series
 
     rng = np.random.default_rng(args.seed)
@@ -192,7 +332,7 @@ def _demo(args: argparse.Namespace) -> int:
         out = args.out or Path(tmp)
         files = write_dicom_series(phantom, out, shuffle=rng)
         print(f"synthetic chest CT: {len(files)} slices, {len(phantom.lesions)} planted nodules, in {out}")
-        client = ReadingClient(args.server)
+        client = _client(args)
         start = time.perf_counter()
         try:
             response = client.read(files, timeout_s=600)
@@ -217,6 +357,63 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _triton(args: argparse.Namespace) -> int:
+    from inference.metrics import configure_logging
+
+    configure_logging("INFO", "text")
+    if args.triton_command == "export":
+        from inference.triton.export import ExportError, export_repository
+
+        try:
+            exported = export_repository(
+                args.models,
+                args.out,
+                runtime=args.runtime,
+                instance_kind=args.instance_kind or ("gpu" if args.runtime == "pytorch" else "cpu"),
+                instance_count=args.instances,
+                device=args.device,
+                only=args.model,
+                tolerance=args.tolerance,
+            )
+        except (ExportError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        for e in exported:
+            print(
+                f"{e.name}:{e.version} -> {e.path} (Triton version {e.triton_version}, {e.num_outputs} outputs, "
+                f"max relative error {e.max_relative_error:.2g}, {e.seconds:.1f} s)"
+            )
+        return 0
+    if args.triton_command == "venv":
+        from inference.triton.serve import ensure_environment
+
+        try:
+            environment = ensure_environment(args.venv)
+        except (RuntimeError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(environment.venv)
+        return 0
+    from inference.triton.export import ExportError
+    from inference.triton.serve import serve as serve_triton
+
+    try:
+        return serve_triton(
+            args.models,
+            repository=args.repository,
+            host=args.host,
+            grpc_port=args.grpc_port,
+            http_port=args.http_port,
+            metrics_port=args.metrics_port,
+            only=args.model,
+            venv=args.venv,
+            cache_dir=args.cache_dir,
+        )
+    except (ExportError, RuntimeError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
@@ -229,30 +426,59 @@ def main(argv: list[str] | None = None) -> int:
             "models": args.models,
             "device": args.device,
             "backend": args.backend,
+            "triton_url": args.triton_url,
             "grace_s": args.grace_s,
             "log_level": args.log_level,
+            "log_format": args.log_format,
+            "tls_cert": args.tls_cert,
+            "tls_key": args.tls_key,
+            "tls_client_ca": args.tls_client_ca,
+            "insecure": args.insecure,
+            "auth_tokens": args.auth_tokens,
+            "max_in_flight": args.max_in_flight,
+            "metrics_port": args.metrics_port,
+            "health_port": args.health_port,
+            "oom_cpu_fallback": args.oom_cpu_fallback,
+            "compile": args.compile,
+            "model_poll_interval_s": args.model_poll_interval_s,
+            "default_models": ",".join(args.default_model) if args.default_model else None,
         }
+        from inference.api.security import load_security
+        from inference.metrics import configure_logging
+
         try:
             config = load_config(cli, config_file=args.config)
+            security = load_security(config)
         except (ValueError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        logging.basicConfig(
-            level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-        )
-        return asyncio.run(serve(config))
+        configure_logging(config.log_level, config.log_format)
+        return asyncio.run(serve(config, security))
     if args.command == "read":
         return _read(args)
     if args.command == "models":
         return _models(args)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "soak":
+        from inference.soak import run_from_args
+
+        try:
+            report = run_from_args(args)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(report.summary())
+        return 0 if report.ok else 1
+    if args.command == "triton":
+        return _triton(args)
     if args.command == "health":
         from grpc_health.v1 import health_pb2
 
+        from inference.client import channel_credentials
         from inference.serverproc import health_status
 
-        status = health_status(args.server)
+        status = health_status(args.server, credentials=channel_credentials(args.ca, args.tls_cert, args.tls_key))
         print(health_pb2.HealthCheckResponse.ServingStatus.Name(status) if status is not None else "UNREACHABLE")
         return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
     return 2

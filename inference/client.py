@@ -2,12 +2,15 @@
 
 A study is streamed as a header followed by chunks of at most 4 MiB (large single gRPC messages are
 slow: docs/decisions.md, "Streaming").
+
+Security: ``ca`` (the CA that signed the server's certificate) turns on TLS; ``cert`` + ``key`` present a
+client certificate (mutual TLS); ``token`` is sent as ``authorization: Bearer <token>`` on every call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -64,19 +67,50 @@ def iter_requests(
                 progress(len(piece))
 
 
+def channel_credentials(
+    ca: Path | None = None, cert: Path | None = None, key: Path | None = None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials from PEM files, or None (plaintext) when neither ``ca`` nor ``cert`` is given.
+
+    Without ``ca`` the system's trusted roots verify the server. ``cert`` and ``key`` go together.
+    """
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate needs both --tls-cert and --tls-key")
+    if ca is None and cert is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(ca).read_bytes() if ca is not None else None,
+        private_key=Path(key).read_bytes() if key is not None else None,
+        certificate_chain=Path(cert).read_bytes() if cert is not None else None,
+    )
+
+
+def open_channel(
+    target: str, credentials: grpc.ChannelCredentials | None, options: Sequence[tuple[str, object]] = ()
+) -> grpc.Channel:
+    if credentials is None:
+        return grpc.insecure_channel(target, options=list(options))
+    return grpc.secure_channel(target, credentials, options=list(options))
+
+
 @dataclass
 class ReadingClient:
-    """A blocking client; ``target`` is HOST:PORT."""
+    """A blocking client; ``target`` is HOST:PORT. See the module docstring for ``ca``, ``cert``, ``key``, ``token``."""
 
     target: str = "127.0.0.1:50051"
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
-        self.channel = grpc.insecure_channel(self.target, options=options)
+        self.channel = open_channel(self.target, channel_credentials(self.ca, self.cert, self.key), options)
         self.stub = pb_grpc.ReadingServiceStub(self.channel)
+        self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
     def read(
         self,
@@ -99,10 +133,34 @@ class ReadingClient:
             payload=payload_kind,
             **header_fields,
         )
-        return self.stub.Read(iter_requests(header, payloads, progress=progress), timeout=timeout_s)
+        return self.stub.Read(
+            iter_requests(header, payloads, progress=progress), timeout=timeout_s, metadata=self.metadata
+        )
+
+    def read_future(
+        self,
+        payloads: Sequence[bytes | Path],
+        *,
+        payload_kind: int = pb.DICOM_FILES,
+        timeout_s: float | None = None,
+        **header_fields: object,
+    ) -> grpc.Future:
+        """Start a read and return its future (``.result()``, ``.cancel()``); header fields as for :meth:`read`."""
+        header = pb.ReadHeader(payload=payload_kind, **header_fields)
+        return self.stub.Read.future(iter_requests(header, payloads), timeout=timeout_s, metadata=self.metadata)
 
     def list_models(self, timeout_s: float = 10.0) -> pb.ListModelsResponse:
-        return self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout_s)
+        return self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout_s, metadata=self.metadata)
+
+    def load_model(self, path: str | Path, timeout_s: float = 600.0) -> pb.LoadModelResponse:
+        """Load the model, version or MONAI bundle directory ``path`` on the SERVER's filesystem; returns when
+        every version there is READY (a failure raises INVALID_ARGUMENT naming it)."""
+        return self.stub.LoadModel(pb.LoadModelRequest(path=str(path)), timeout=timeout_s, metadata=self.metadata)
+
+    def unload_model(self, model: str, model_version: str = "", timeout_s: float = 30.0) -> pb.UnloadModelResponse:
+        """Take ``model`` (one version, or all when ``model_version`` is empty) out of routing."""
+        request = pb.UnloadModelRequest(model=model, model_version=model_version)
+        return self.stub.UnloadModel(request, timeout=timeout_s, metadata=self.metadata)
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
         grpc.channel_ready_future(self.channel).result(timeout=timeout_s)

@@ -17,10 +17,50 @@ from typing import Any
 import yaml
 
 from inference.io.limits import InputLimits
+from inference.modelrepo.schema import MODALITIES
 from inference.platform import DEVICES
 
 MiB = 1024 * 1024
 ENV_PREFIX = "RADSERVE_"
+# Which model reads a study that names none (ServerConfig.default_models).
+DEFAULT_MODELS = {"CT": "lung_nodule_ct", "MR": "brain_lesion_mr", "CR": "chest_xray", "DX": "chest_xray"}
+
+
+TRITON_SHARED_MEMORY = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    """The Triton backend (``backend: triton``; README "Scale out with Triton"). YAML: a ``triton:`` mapping;
+    environment ``RADSERVE_TRITON_<FIELD>``; CLI ``--triton-url``."""
+
+    url: str = "127.0.0.1:8001"  # Triton's gRPC endpoint, HOST:PORT
+    # Readiness, config and shared-memory calls; also how long a dead Triton can delay a health check.
+    connect_timeout_s: float = 2.0
+    # One inference call (a batch of at most max_batch_size items); the read's own deadline also applies.
+    request_timeout_s: float = 120.0
+    # Extra attempts of a batch when Triton is unreachable or the model not ready, before the reads of the
+    # batch fail with UNAVAILABLE; waits retry_backoff_s, doubled after each attempt.
+    retries: int = 2
+    retry_backoff_s: float = 0.25
+    # Inputs through system shared memory: auto = when the URL is a loopback address (same host).
+    shared_memory: str = "auto"
+    # How often the server checks that Triton and each model are ready (health follows).
+    health_poll_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.url.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ValueError(f"triton.url must be HOST:PORT, got {self.url!r}")
+        for name in ("connect_timeout_s", "request_timeout_s", "health_poll_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"triton.{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 <= self.retries <= 10:
+            raise ValueError(f"triton.retries must be in [0, 10], got {self.retries!r}")
+        if not 0 <= self.retry_backoff_s <= 60:
+            raise ValueError(f"triton.retry_backoff_s must be in [0, 60], got {self.retry_backoff_s!r}")
+        if self.shared_memory not in TRITON_SHARED_MEMORY:
+            raise ValueError(f"triton.shared_memory must be one of {TRITON_SHARED_MEMORY}, got {self.shared_memory!r}")
 
 
 @dataclass(frozen=True)
@@ -29,7 +69,8 @@ class ServerConfig:
     port: int = 50051
     models: Path = Path("models")
     device: str = "auto"
-    backend: str = "torch"
+    backend: str = "torch"  # torch | triton: where networks run (model.yaml `backend:` overrides per model)
+    triton: TritonConfig = field(default_factory=TritonConfig)
     # Largest single gRPC message either way; a 4 MiB chunk plus framing always fits.
     max_message_bytes: int = 64 * MiB
     # SIGTERM: reads in flight get this long to finish before the server stops.
@@ -38,15 +79,50 @@ class ServerConfig:
     io_threads: int = 2
     warmup: bool = True
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json (one object per line: ts, level, logger, request_id, msg)
     limits: InputLimits = field(default_factory=InputLimits)
+    # Admission control: a read beyond this many in flight gets UNAVAILABLE before its payload is received.
+    max_in_flight: int = 64
+    # A work item that runs out of GPU memory even alone is run on a CPU copy of the network.
+    oom_cpu_fallback: bool = True
+    # Prometheus metrics at http://HOST:metrics_port/metrics; 0 disables them.
+    metrics_port: int = 9464
+    # A second, plaintext gRPC port serving only grpc.health.v1 (0: none; health is always on `port` too), for
+    # Kubernetes' native gRPC probes, which cannot speak TLS. It carries no reads and no patient data.
+    health_port: int = 0
+    # TLS (PEM files); tls_client_ca turns on mutual TLS. Without TLS the server speaks plaintext, which it
+    # accepts on a loopback host only, unless ``insecure`` is set (e.g. behind a TLS-terminating proxy).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    insecure: bool = False
+    # YAML file of per-tenant bearer tokens (``tenant: token``); empty: no token authentication.
+    auth_tokens: str = ""
+    # Zero-copy ingest (README "Ingest"): folders under which a read's header may name files for the server to
+    # read itself (resolved, symlinks included; empty = disabled), and whether it may name a POSIX shared-memory
+    # segment. Environment: RADSERVE_INGEST_ROOTS=/a:/b (os.pathsep-separated), RADSERVE_INGEST_SHARED_MEMORY=1.
+    ingest_roots: tuple[Path, ...] = ()
+    ingest_shared_memory: bool = False
+    # torch.compile every model's network (CUDA only; warmed up before health turns SERVING). model.yaml
+    # `compile: true` asks for it per model; this turns it on for all.
+    compile: bool = False
+    # Model management (README "Models"): seconds between polls of the model repository for new, changed or
+    # removed versions (0 disables polling; `radserve models load` still works); whether the LoadModel and
+    # UnloadModel RPCs are served (off: PERMISSION_DENIED); and which model reads a study whose request names
+    # none, by modality (else the first loaded model, by name, that takes the modality). YAML: a mapping;
+    # environment and CLI: "CT=lung_nodule_ct,MR=brain_lesion_mr"; entries override the defaults, and an
+    # empty name ("MR=") drops a modality's preference.
+    model_poll_interval_s: float = 10.0
+    allow_model_management: bool = True
+    default_models: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_MODELS))
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port!r}")
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device must be one of {DEVICES} or 'cuda:N', got {self.device!r}")
-        if self.backend not in ("torch",):
-            raise ValueError(f"backend must be 'torch', got {self.backend!r}")
+        if self.backend not in ("torch", "triton"):
+            raise ValueError(f"backend must be 'torch' or 'triton', got {self.backend!r}")
         if self.max_message_bytes < 5 * MiB:
             raise ValueError(f"max_message_bytes must be >= {5 * MiB} (a 4 MiB chunk), got {self.max_message_bytes!r}")
         if self.grace_s < 0:
@@ -55,6 +131,45 @@ class ServerConfig:
             raise ValueError(f"io_threads must be >= 1, got {self.io_threads!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight!r}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in [0, 65535] (0 disables metrics), got {self.metrics_port!r}")
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ValueError(f"metrics_port must differ from port, both are {self.port!r}")
+        if not 0 <= self.health_port <= 65535:
+            raise ValueError(f"health_port must be in [0, 65535] (0: none), got {self.health_port!r}")
+        if self.health_port and self.health_port in (self.port, self.metrics_port):
+            raise ValueError(
+                f"health_port ({self.health_port}) must differ from port ({self.port}) and metrics_port "
+                f"({self.metrics_port})"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError(
+                f"tls_cert and tls_key go together, got tls_cert={self.tls_cert!r} and tls_key={self.tls_key!r}"
+            )
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError(f"tls_client_ca ({self.tls_client_ca!r}) needs tls_cert and tls_key (mutual TLS is TLS)")
+        roots = []
+        for root in self.ingest_roots:
+            path = Path(root).expanduser()
+            if not path.is_dir():
+                raise ValueError(f"ingest_roots entries must be existing directories, got {str(root)!r}")
+            roots.append(path.resolve())
+        object.__setattr__(self, "ingest_roots", tuple(roots))
+        if not 0 <= self.model_poll_interval_s <= 86_400:
+            raise ValueError(
+                f"model_poll_interval_s must be in [0, 86400] (0 disables polling), got {self.model_poll_interval_s!r}"
+            )
+        if not isinstance(self.default_models, Mapping):
+            raise ValueError(f"default_models must map a modality to a model name, got {self.default_models!r}")
+        for modality, model in self.default_models.items():
+            if modality not in MODALITIES or not isinstance(model, str) or not model or ":" in model:
+                raise ValueError(
+                    f"default_models must map one of {MODALITIES} to a model name, got {modality!r}: {model!r}"
+                )
 
     @property
     def address(self) -> str:
@@ -65,8 +180,23 @@ def _coerce(cls: type, name: str, raw: Any) -> Any:
     """Convert a YAML/env/CLI value to the type of field ``name`` of dataclass ``cls``."""
     default = next(f for f in dataclasses.fields(cls) if f.name == name)
     kind = type(getattr(cls(), name)) if default.default is dataclasses.MISSING else type(default.default)
-    if isinstance(raw, kind):
+    if isinstance(raw, kind) and kind is not tuple:
         return raw
+    if kind is tuple:  # ingest_roots: a YAML list, or an os.pathsep-separated string (environment, CLI)
+        items = raw.split(os.pathsep) if isinstance(raw, str) else raw
+        if not isinstance(items, list | tuple):
+            raise ValueError(f"{name} must be a list of paths, got {raw!r}")
+        return tuple(Path(str(item)) for item in items if str(item))
+    if kind is dict:  # default_models: a YAML mapping, or "KEY=VALUE,KEY=VALUE" (environment, CLI)
+        if isinstance(raw, str):
+            pairs = [item.split("=", 1) for item in raw.split(",") if item.strip()]
+            if any(len(pair) != 2 for pair in pairs):
+                raise ValueError(f"{name} must be KEY=VALUE pairs separated by commas, got {raw!r}")
+            raw = {k.strip(): v.strip() for k, v in pairs}
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"{name} must be a mapping, got {raw!r}")
+        merged = {**getattr(cls(), name), **{str(k): str(v or "") for k, v in raw.items()}}
+        return {k: v for k, v in merged.items() if v}
     if kind is bool:
         text = str(raw).strip().lower()
         if text not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
@@ -83,7 +213,7 @@ def _merge(cls: type, values: Mapping[str, Any], source: str) -> dict[str, Any]:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{source}: unknown settings {unknown}; known are {sorted(known)}")
-    return {k: _coerce(cls, k, v) for k, v in values.items() if k != "limits"}
+    return {k: _coerce(cls, k, v) for k, v in values.items() if k not in ("limits", "triton")}
 
 
 def load_config(
@@ -96,23 +226,32 @@ def load_config(
     environ = os.environ if environ is None else environ
     top: dict[str, Any] = {}
     limits: dict[str, Any] = {}
+    triton: dict[str, Any] = {}
     if config_file is not None:
         data = yaml.safe_load(Path(config_file).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{config_file}: the configuration must be a mapping")
         limits.update(_merge(InputLimits, data.get("limits") or {}, f"{config_file}: limits"))
+        triton.update(_merge(TritonConfig, data.get("triton") or {}, f"{config_file}: triton"))
         top.update(_merge(ServerConfig, data, str(config_file)))
     limit_fields = {f.name for f in dataclasses.fields(InputLimits)}
-    top_fields = {f.name for f in dataclasses.fields(ServerConfig)} - {"limits"}
+    triton_fields = {f.name for f in dataclasses.fields(TritonConfig)}
+    top_fields = {f.name for f in dataclasses.fields(ServerConfig)} - {"limits", "triton"}
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX):
             continue
         name = key[len(ENV_PREFIX) :].lower()
         if name.startswith("limits_") and name[len("limits_") :] in limit_fields:
             limits[name[len("limits_") :]] = _coerce(InputLimits, name[len("limits_") :], value)
+        elif name.startswith("triton_") and name[len("triton_") :] in triton_fields:
+            triton[name[len("triton_") :]] = _coerce(TritonConfig, name[len("triton_") :], value)
         elif name in top_fields:
             top[name] = _coerce(ServerConfig, name, value)
     for key, value in (cli or {}).items():
-        if value is not None:
+        if value is None:
+            continue
+        if key.startswith("triton_") and key[len("triton_") :] in triton_fields:  # e.g. --triton-url
+            triton[key[len("triton_") :]] = _coerce(TritonConfig, key[len("triton_") :], value)
+        else:
             top[key] = _coerce(ServerConfig, key, value)
-    return ServerConfig(limits=InputLimits(**limits), **top)
+    return ServerConfig(limits=InputLimits(**limits), triton=TritonConfig(**triton), **top)

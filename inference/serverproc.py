@@ -1,6 +1,8 @@
 """Run `radserve serve` in a child process: for tests, benchmarks and the soak run.
 
 The child gets a free port on the loopback interface; ``start`` returns once gRPC health says SERVING.
+Metrics are off unless ``metrics_port`` is given (several test servers run side by side); for a TLS server
+pass ``channel_credentials`` (``inference.client.channel_credentials``) so that the health check can connect.
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def health_status(target: str, service: str = "", timeout_s: float = 2.0) -> int | None:
+def health_status(
+    target: str, service: str = "", timeout_s: float = 2.0, credentials: grpc.ChannelCredentials | None = None
+) -> int | None:
     """The health status of ``service`` at ``target``, or None when the server does not answer."""
-    with grpc.insecure_channel(target) as channel:
+    channel = grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
+    with channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
@@ -46,12 +51,17 @@ class ServerProcess:
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
         host: str = "127.0.0.1",
+        metrics_port: int = 0,
+        channel_credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.host = host
         self.port = free_port(host)
+        self.metrics_port = metrics_port
+        self.channel_credentials = channel_credentials
         self.log_path = log_path
         self.args = [sys.executable, "-m", "inference.cli", "serve", "--host", host, "--port", str(self.port)]
-        self.args += ["--models", str(models), "--device", device, *(extra_args or [])]
+        self.args += ["--models", str(models), "--device", device, "--metrics-port", str(metrics_port)]
+        self.args += [*(extra_args or [])]
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
         self._log = None
@@ -73,7 +83,10 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with code {self.process.returncode} during start-up")
-            if health_status(self.target) == health_pb2.HealthCheckResponse.SERVING:
+            if (
+                health_status(self.target, credentials=self.channel_credentials)
+                == health_pb2.HealthCheckResponse.SERVING
+            ):
                 return self
             time.sleep(0.2)
         self.stop()

@@ -3,11 +3,17 @@
 A read runs prepare (decode-side CPU work, in the I/O thread pool), then hands its work items to the
 batcher, whose worker thread runs ``backend.forward`` + ``task.split_outputs`` on batches mixed from
 many reads, then finalize (in the I/O pool). The event loop itself never does heavy work.
+
+Out of GPU memory in a forward pass (:meth:`ModelRunner._forward`, the one place that handles it): the
+backend's cache is emptied and the batch retried in halves down to single items; a single item that still
+does not fit runs on a CPU copy of the network when ``oom_cpu_fallback`` allows, else its read alone fails
+with :class:`LimitExceededError` (RESOURCE_EXHAUSTED). The other reads of the batch and later reads go on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from concurrent.futures import Executor
@@ -21,11 +27,15 @@ from inference.backends.base import Backend
 from inference.engine.batcher import DynamicBatcher
 from inference.engine.scheduler import Priority
 from inference.engine.task import Task
+from inference.errors import LimitExceededError
 from inference.io.volume import Volume
 from inference.modelrepo.schema import ModelConfig
 from inference.postprocess.finding import Finding
 
 logger = logging.getLogger(__name__)
+
+# torch.cuda.OutOfMemoryError is an alias of torch.OutOfMemoryError in recent torch; both named for older ones.
+OOM_ERRORS: tuple[type[BaseException], ...] = tuple({torch.OutOfMemoryError, torch.cuda.OutOfMemoryError})
 
 
 @dataclass
@@ -36,12 +46,33 @@ class ReadResult:
     masks: dict[str, np.ndarray] | None = None  # label -> bool mask in the input grid (segmentation models)
 
 
+def without_voxels(volume: Volume) -> Volume:
+    """``volume`` with its voxels released: a read-only, zero-stride stand-in of the same shape (4 bytes).
+
+    Once a study is prepared, only its geometry (shape, affine, source references) is needed (finalize, SR,
+    SEG); dropping the decoded float32 voxels (2x the study's 16-bit bytes) while the model runs is most of the
+    per-read memory (docs/decisions.md, "Memory per read").
+    """
+    return dataclasses.replace(volume, voxels=np.broadcast_to(np.zeros((), dtype=np.float32), volume.shape))
+
+
 class ModelRunner:
-    def __init__(self, config: ModelConfig, task: Task, backend: Backend, io_executor: Executor | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        task: Task,
+        backend: Backend,
+        io_executor: Executor | None = None,
+        *,
+        oom_cpu_fallback: bool = True,
+    ) -> None:
         self.config = config
         self.task = task
         self.backend = backend
         self._io_executor = io_executor
+        self.oom_cpu_fallback = oom_cpu_fallback
+        # torch.compile the network at warm-up (model.yaml `compile`, or the server's --compile for all models).
+        self.compile = bool(getattr(config, "compile", False))
         self.batcher = DynamicBatcher(
             f"{config.name}:{config.version}", self._forward, config.batching, item_shape=task.item_shape
         )
@@ -55,7 +86,27 @@ class ModelRunner:
         return self.backend.device
 
     def _forward(self, batch: torch.Tensor) -> list[Any]:
-        return self.task.split_outputs(self.backend.forward(batch), batch.shape[0])
+        """Forward pass + per-item split (in the batcher's worker thread), surviving out-of-memory errors."""
+        try:
+            return self.task.split_outputs(self.backend.forward(batch), batch.shape[0])
+        except OOM_ERRORS:
+            pass  # recover outside the except block, so that the error's frames and their tensors are freed
+        release_cached_memory = getattr(self.backend, "release_cached_memory", None)
+        if release_cached_memory is not None:
+            release_cached_memory()
+        n = int(batch.shape[0])
+        if n > 1:
+            logger.warning("model %s: out of memory on a batch of %d items; retrying in halves", self.key, n)
+            return self._forward(batch[: n // 2]) + self._forward(batch[n // 2 :])
+        if self.oom_cpu_fallback and getattr(self.backend, "can_fall_back_to_cpu", False):
+            logger.warning("model %s: out of memory on a single item; running it on a CPU copy", self.key)
+            try:
+                return self.task.split_outputs(self.backend.forward_on_cpu(batch), 1)
+            except OOM_ERRORS:
+                pass
+        raise LimitExceededError(
+            f"model {self.key} ran out of memory on a single work item (batch of 1); retry later or on a larger device"
+        )
 
     async def start(self) -> None:
         await self.batcher.start()
@@ -65,11 +116,36 @@ class ModelRunner:
         self.backend.close()
 
     def warmup(self) -> float:
-        """Run one forward pass on zeros (allocator, kernels, lazy init). Returns its time in ms."""
+        """Forward passes on zeros (allocator, kernels, lazy init). Returns their time in ms.
+
+        A compiled network (``torch.compile``) is warmed up with batch sizes 1, 2 and ``max_batch_size``: 1 is
+        specialised, 2 makes the batch dimension dynamic, which then covers every size up to the largest. If
+        compilation fails (e.g. no C compiler for Triton), the network runs eagerly and the error is logged.
+        """
         start = time.perf_counter()
-        self._forward(torch.zeros((1, *self.task.item_shape), device=self.backend.device))
+        if self.compile and hasattr(self.backend, "enable_compile"):
+            self.backend.enable_compile()
+        sizes = [1]
+        if getattr(self.backend, "compiled", False):
+            sizes = sorted({1, min(2, self.config.batching.max_batch_size), self.config.batching.max_batch_size})
+        try:
+            for size in sizes:
+                self._forward(torch.zeros((size, *self.task.item_shape), device=self.backend.device))
+        except Exception:
+            if not getattr(self.backend, "compiled", False):
+                raise
+            logger.exception("model %s: torch.compile failed during warm-up; running eagerly", self.key)
+            self.backend.disable_compile()
+            self._forward(torch.zeros((1, *self.task.item_shape), device=self.backend.device))
         elapsed_ms = (time.perf_counter() - start) * 1e3
-        logger.info("model %s warmed up on %s in %.0f ms", self.key, self.backend.device, elapsed_ms)
+        logger.info(
+            "model %s warmed up on %s in %.0f ms (batch sizes %s%s)",
+            self.key,
+            self.backend.device,
+            elapsed_ms,
+            sizes,
+            ", compiled" if getattr(self.backend, "compiled", False) else "",
+        )
         return elapsed_ms
 
     async def read(
@@ -83,6 +159,7 @@ class ModelRunner:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         prepared = await loop.run_in_executor(self._io_executor, self.task.prepare, volume)
+        volume = without_voxels(volume)  # prepared: from here on only the geometry is needed
         timing = {"preprocess": (time.perf_counter() - start) * 1e3, **prepared.timing_ms}
         start = time.perf_counter()
         results = await self.batcher.submit(request_id, prepared.items, priority=priority, deadline_s=deadline_s)
