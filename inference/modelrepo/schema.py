@@ -150,6 +150,7 @@ class ModelConfig:
     postprocessing: PostprocessConfig = field(default_factory=PostprocessConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     autocast: str = "bf16"  # applies on CUDA only
+    compile: bool = False  # torch.compile the network, warmed up before serving (CUDA only; server --compile: all)
     # Where the network runs: "torch" (in the server) or "triton" (a Triton Inference Server); unset: the
     # server's --backend.
     backend: str | None = None
@@ -171,6 +172,8 @@ class ModelConfig:
             raise ValueError("labels must name at least one class")
         if self.autocast not in AUTOCAST:
             raise ValueError(f"autocast must be one of {AUTOCAST}, got {self.autocast!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be true or false, got {self.compile!r}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.task == "detection" and self.detector is None:

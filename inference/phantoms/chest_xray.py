@@ -1,0 +1,738 @@
+"""Synthetic PA chest radiographs with planted round opacities, and a DX / CR DICOM writer for them.
+
+Coordinates are the projection contract's image-plane mm (DESIGN.md): ``x = column index x column
+spacing``, ``y = row index x row spacing``, measured from the center of the top-left pixel. The anatomy
+is defined analytically in these mm and scaled to the field of view; every pixel's value is the anatomy
+sampled at the pixel's center. The ground truth is therefore independent of the pixel grid, and the same
+:class:`ChestXrayParams` render at full resolution or straight onto a model's coarser input grid
+(:func:`render_chest_xray` with a :class:`PixelGrid`), which is how training makes images fast.
+
+Image model: an attenuation map (soft tissue about 1, the lung fields darker, ribs, clavicles, spine,
+mediastinum and heart brighter, air outside the body 0, a faint lung texture, Gaussian noise) mapped
+linearly onto unsigned integers of ``bits_stored`` bits. Displayed as usual, a chest is viewed as if
+facing the patient: the patient's left (the heart) is on the right of the image, PatientOrientation L\\F.
+
+Photometric convention: ``Phantom.volume.voxels`` always holds values in the MONOCHROME2 sense (higher =
+more attenuation = brighter), i.e. what a DICOM reader returns once it has inverted a MONOCHROME1 image.
+``ChestXrayPhantom.photometric`` says how :func:`write_xray_dicom` stores them: a MONOCHROME1 file holds
+``2**bits_stored - 1 - value`` (high = dark). The Volume is (X = columns, Y = rows, 1) with an
+identity-direction affine: column spacing on axis 0, row spacing on axis 1, origin 0, so
+``Volume.voxel_to_lps`` of a pixel index gives its image-plane mm directly.
+
+Ground truth: one :class:`~inference.phantoms.base.PlantedLesion` per opacity, label ``"opacity"``, with
+``center_mm`` the 2-tuple ``(x, y)`` in image-plane mm (not the 3-D LPS of the base type) and
+``diameter_mm`` the opacity's diameter.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
+
+from inference.io.volume import Volume
+from inference.phantoms.base import Phantom, PlantedLesion
+from inference.phantoms.writers import _check_transfer_syntax, _ds, _file_meta
+
+logger = logging.getLogger(__name__)
+
+XRAY_MODALITIES = ("DX", "CR")
+PHOTOMETRICS = ("MONOCHROME2", "MONOCHROME1")
+BITS_STORED_CHOICES = (12, 16)
+SPACING_TAGS = ("ImagerPixelSpacing", "PixelSpacing", "both")
+OPACITY_LABEL = "opacity"
+
+# Ranges drawn from when an argument is left None.
+SIZE_RANGE_PX = (1024, 3000)
+ASPECT_RANGE = (0.82, 1.22)  # columns / rows
+PIXEL_SPACING_RANGE_MM = (0.1, 0.2)
+FOV_RANGE_MM = (150.0, 450.0)  # drawn spacings keep the field of view in this range
+MAX_OPACITIES = 3
+OPACITY_DIAMETER_RANGE_MM = (8.0, 40.0)
+OPACITY_CONTRAST_RANGE = (0.2, 0.45)  # peak attenuation added over the lung (lung ~0.45-0.6, tissue ~1)
+NOISE_SIGMA_RANGE = (0.02, 0.06)  # attenuation units, per pixel of the native grid
+
+ATTENUATION_REF = 2.0  # attenuation mapped to ``value_high``
+CLAVICLE_ATTENUATION = 0.25
+_MIN_SIZE_PX = 64
+_PLACEMENT_ATTEMPTS = 400
+_RIM_SAMPLES = 48  # points on an opacity's rim tested against the anatomy when placing it
+_STUDY_DATE, _STUDY_TIME = "20250101", "120000"
+
+
+@dataclass(frozen=True)
+class PixelGrid:
+    """Where pixels sit in image-plane mm: pixel (column c, row r) has its center at ``origin + (c, r) * spacing``."""
+
+    shape: tuple[int, int]  # (rows, columns)
+    spacing_mm: tuple[float, float]  # DICOM order: (row spacing, column spacing)
+    origin_mm: tuple[float, float] = (0.0, 0.0)  # (x, y) of the center of pixel (0, 0)
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != 2 or min(self.shape) < 1:
+            raise ValueError(f"PixelGrid.shape must be two positive sizes (rows, columns), got {self.shape}")
+        if len(self.spacing_mm) != 2 or min(self.spacing_mm) <= 0:
+            raise ValueError(f"PixelGrid.spacing_mm must be two positive spacings, got {self.spacing_mm}")
+
+    def x_mm(self) -> np.ndarray:
+        return self.origin_mm[0] + np.arange(self.shape[1], dtype=np.float64) * self.spacing_mm[1]
+
+    def y_mm(self) -> np.ndarray:
+        return self.origin_mm[1] + np.arange(self.shape[0], dtype=np.float64) * self.spacing_mm[0]
+
+
+@dataclass(frozen=True)
+class Ellipse:
+    """Axis-aligned ellipse in image-plane mm; a lung field, the heart, the body outline."""
+
+    center_mm: tuple[float, float]
+    semi_axes_mm: tuple[float, float]
+
+    def normalized_radius(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """< 1 inside, 1 on the outline; ``x`` and ``y`` broadcast."""
+        (cx, cy), (ax, ay) = self.center_mm, self.semi_axes_mm
+        return np.sqrt(((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2)
+
+    def weight(self, x: np.ndarray, y: np.ndarray, edge_mm: float) -> np.ndarray:
+        """Smooth indicator: 1 well inside, 0 well outside, a smoothstep about ``edge_mm`` wide across the outline."""
+        depth_mm = (1.0 - self.normalized_radius(x, y)) * math.sqrt(self.semi_axes_mm[0] * self.semi_axes_mm[1])
+        return _smoothstep(0.5 + depth_mm / edge_mm)
+
+
+@dataclass(frozen=True)
+class Ribs:
+    """A family of rib shadows: bands along ``y = top + n * pitch + sag * u**2 - rise * u`` on each side.
+
+    ``u`` is the lateral distance from the midline divided by ``lateral_extent_mm``; posterior ribs sag
+    laterally (``sag > 0``), anterior ribs rise laterally (``rise > 0``).
+    """
+
+    top_mm: float
+    pitch_mm: float
+    count: int
+    sag_mm: float
+    rise_mm: float
+    width_fraction: float  # band width / pitch
+    lateral_extent_mm: float
+    attenuation: float
+
+
+@dataclass(frozen=True)
+class Opacity:
+    center_mm: tuple[float, float]  # (x, y) image-plane mm
+    diameter_mm: float
+    contrast: float  # attenuation added at the center
+    profile_power: float  # attenuation = contrast * (1 - (d / r)**2) ** power: 0.5 is a projected ball
+
+
+@dataclass(frozen=True)
+class ChestXrayParams:
+    """Everything that determines a chest radiograph; :func:`render_chest_xray` turns it into pixels."""
+
+    size_px: tuple[int, int]  # (rows, columns)
+    pixel_spacing_mm: tuple[float, float]  # DICOM order: (row spacing, column spacing)
+    modality: str  # DX | CR
+    photometric: str  # how the image is stored in DICOM: MONOCHROME2 | MONOCHROME1
+    bits_stored: int  # 12 | 16
+    midline_mm: float  # x of the spine
+    body: Ellipse
+    lungs: tuple[Ellipse, Ellipse]  # image left (patient right), image right (patient left)
+    heart: Ellipse
+    mediastinum_half_width_mm: float
+    mediastinum_bottom_mm: float  # y where the mediastinum band fades into the heart and abdomen
+    spine_half_width_mm: float
+    posterior_ribs: Ribs
+    anterior_ribs: Ribs
+    clavicle_y_mm: float
+    clavicle_half_thickness_mm: float
+    opacities: tuple[Opacity, ...]
+    edge_mm: float  # width of the soft outlines
+    tissue_attenuation: float
+    lung_drop: float  # attenuation removed in the lung fields
+    mediastinum_attenuation: float
+    heart_attenuation: float
+    spine_attenuation: float
+    texture_amplitude: float
+    texture_cell_mm: float
+    texture_seed: int
+    vertical_gradient: float  # relative attenuation change from top to bottom (beam heel, patient shape)
+    value_low: float  # stored value (MONOCHROME2 sense) of zero attenuation
+    value_high: float  # stored value of ATTENUATION_REF
+    noise_sigma: float  # attenuation units, per native pixel
+    noise_seed: int
+
+    @property
+    def field_of_view_mm(self) -> tuple[float, float]:
+        """(width, height): columns x column spacing, rows x row spacing."""
+        return (self.size_px[1] * self.pixel_spacing_mm[1], self.size_px[0] * self.pixel_spacing_mm[0])
+
+    @property
+    def native_grid(self) -> PixelGrid:
+        return PixelGrid(self.size_px, self.pixel_spacing_mm)
+
+    @property
+    def max_value(self) -> int:
+        return (1 << self.bits_stored) - 1
+
+
+@dataclass(frozen=True)
+class ChestXrayPhantom(Phantom):
+    """A :class:`Phantom` that also knows how its image is stored (see the module docstring)."""
+
+    photometric: str = "MONOCHROME2"
+    bits_stored: int = 16
+
+
+def make_chest_xray(
+    rng: np.random.Generator | int,
+    *,
+    size_px: tuple[int, int] | None = None,
+    pixel_spacing_mm: float | tuple[float, float] | None = None,
+    n_opacities: int | None = None,
+    opacity_diameters_mm: Sequence[float] | None = None,
+    photometric: str | None = None,
+    modality: str | None = None,
+    bits_stored: int | None = None,
+    noise_sigma: float | None = None,
+) -> ChestXrayPhantom:
+    """A synthetic chest radiograph with its planted opacities; see :func:`sample_chest_xray_params`."""
+    params = sample_chest_xray_params(
+        rng,
+        size_px=size_px,
+        pixel_spacing_mm=pixel_spacing_mm,
+        n_opacities=n_opacities,
+        opacity_diameters_mm=opacity_diameters_mm,
+        photometric=photometric,
+        modality=modality,
+        bits_stored=bits_stored,
+        noise_sigma=noise_sigma,
+    )
+    return render_chest_xray(params)
+
+
+def sample_chest_xray_params(
+    rng: np.random.Generator | int,
+    *,
+    size_px: tuple[int, int] | None = None,
+    pixel_spacing_mm: float | tuple[float, float] | None = None,
+    n_opacities: int | None = None,
+    opacity_diameters_mm: Sequence[float] | None = None,
+    photometric: str | None = None,
+    modality: str | None = None,
+    bits_stored: int | None = None,
+    noise_sigma: float | None = None,
+) -> ChestXrayParams:
+    """Draw a chest radiograph; every argument left None is drawn from ``rng``.
+
+    ``size_px`` is (rows, columns), drawn in SIZE_RANGE_PX. A scalar ``pixel_spacing_mm`` means square
+    pixels, a pair is DICOM order (row spacing, column spacing); drawn spacings are square, in
+    PIXEL_SPACING_RANGE_MM, and keep the field of view in FOV_RANGE_MM. ``n_opacities`` is drawn in
+    0..MAX_OPACITIES; ``opacity_diameters_mm`` fixes each opacity's diameter. Raises ValueError when a
+    requested opacity cannot be placed inside a lung field of this field of view.
+    """
+    rng = np.random.default_rng(rng)
+    if size_px is None:
+        rows = int(rng.integers(SIZE_RANGE_PX[0], SIZE_RANGE_PX[1] + 1))
+        cols = int(np.clip(round(rows * rng.uniform(*ASPECT_RANGE)), *SIZE_RANGE_PX))
+        size_px = (rows, cols)
+    if len(size_px) != 2 or min(size_px) < _MIN_SIZE_PX:
+        raise ValueError(f"size_px must be (rows, columns), each >= {_MIN_SIZE_PX}, got {size_px}")
+    size_px = (int(size_px[0]), int(size_px[1]))
+    if pixel_spacing_mm is None:
+        low = max(PIXEL_SPACING_RANGE_MM[0], FOV_RANGE_MM[0] / min(size_px))
+        high = min(PIXEL_SPACING_RANGE_MM[1], FOV_RANGE_MM[1] / max(size_px))
+        pixel_spacing_mm = float(rng.uniform(low, high)) if low < high else float(np.clip(low, *PIXEL_SPACING_RANGE_MM))
+    spacing = (
+        (float(pixel_spacing_mm), float(pixel_spacing_mm))
+        if np.isscalar(pixel_spacing_mm)
+        else (float(pixel_spacing_mm[0]), float(pixel_spacing_mm[1]))  # type: ignore[index]
+    )
+    if min(spacing) <= 0:
+        raise ValueError(f"pixel_spacing_mm must be positive, got {pixel_spacing_mm}")
+    photometric = photometric or str(rng.choice(PHOTOMETRICS))
+    if photometric not in PHOTOMETRICS:
+        raise ValueError(f"photometric must be one of {PHOTOMETRICS}, got {photometric!r}")
+    modality = modality or str(rng.choice(XRAY_MODALITIES))
+    if modality not in XRAY_MODALITIES:
+        raise ValueError(f"modality must be one of {XRAY_MODALITIES}, got {modality!r}")
+    bits_stored = bits_stored or int(rng.choice(BITS_STORED_CHOICES))
+    if bits_stored not in BITS_STORED_CHOICES:
+        raise ValueError(f"bits_stored must be one of {BITS_STORED_CHOICES}, got {bits_stored!r}")
+    if noise_sigma is None:
+        noise_sigma = float(rng.uniform(*NOISE_SIGMA_RANGE))
+    if noise_sigma < 0:
+        raise ValueError(f"noise_sigma must be >= 0, got {noise_sigma}")
+
+    width, height = size_px[1] * spacing[1], size_px[0] * spacing[0]
+    midline = width * (0.5 + rng.uniform(-0.03, 0.03))
+    body = Ellipse((midline, height * rng.uniform(0.48, 0.56)), (width * rng.uniform(0.44, 0.56), height * 0.75))
+    lung_y = height * rng.uniform(0.40, 0.46)
+    lung_semi_y = height * rng.uniform(0.26, 0.31)
+    lungs = []
+    for side in (-1.0, 1.0):
+        offset = width * rng.uniform(0.19, 0.23)
+        lungs.append(
+            Ellipse(
+                (midline + side * offset, lung_y + height * rng.uniform(-0.015, 0.015)),
+                (width * rng.uniform(0.13, 0.16), lung_semi_y * rng.uniform(0.95, 1.05)),
+            )
+        )
+    heart = Ellipse(
+        (midline + width * rng.uniform(0.04, 0.09), lung_y + lung_semi_y * rng.uniform(0.45, 0.65)),
+        (width * rng.uniform(0.13, 0.18), height * rng.uniform(0.10, 0.14)),
+    )
+    lateral_extent = width * 0.38
+    posterior = Ribs(
+        top_mm=lung_y - lung_semi_y * rng.uniform(0.85, 1.0),
+        pitch_mm=lung_semi_y * rng.uniform(0.17, 0.21),
+        count=int(rng.integers(9, 11)),
+        sag_mm=lung_semi_y * rng.uniform(0.25, 0.40),
+        rise_mm=0.0,
+        width_fraction=float(rng.uniform(0.35, 0.50)),
+        lateral_extent_mm=lateral_extent,
+        attenuation=float(rng.uniform(0.10, 0.20)),
+    )
+    anterior = Ribs(
+        top_mm=lung_y - lung_semi_y * rng.uniform(0.55, 0.75),
+        pitch_mm=lung_semi_y * rng.uniform(0.22, 0.28),
+        count=int(rng.integers(5, 7)),
+        sag_mm=0.0,
+        rise_mm=lung_semi_y * rng.uniform(0.25, 0.40),
+        width_fraction=float(rng.uniform(0.30, 0.45)),
+        lateral_extent_mm=lateral_extent,
+        attenuation=float(rng.uniform(0.04, 0.09)),
+    )
+    edge_mm = max(1.0, 0.012 * min(width, height))
+    lung_drop = float(rng.uniform(0.40, 0.55))
+
+    params = ChestXrayParams(
+        size_px=size_px,
+        pixel_spacing_mm=spacing,
+        modality=modality,
+        photometric=photometric,
+        bits_stored=int(bits_stored),
+        midline_mm=float(midline),
+        body=body,
+        lungs=(lungs[0], lungs[1]),
+        heart=heart,
+        mediastinum_half_width_mm=float(width * rng.uniform(0.055, 0.075)),
+        mediastinum_bottom_mm=float(heart.center_mm[1]),
+        spine_half_width_mm=float(width * rng.uniform(0.025, 0.035)),
+        posterior_ribs=posterior,
+        anterior_ribs=anterior,
+        clavicle_y_mm=float(lung_y - lung_semi_y * rng.uniform(0.80, 0.95)),
+        clavicle_half_thickness_mm=float(height * rng.uniform(0.010, 0.014)),
+        opacities=(),
+        edge_mm=float(edge_mm),
+        tissue_attenuation=float(rng.uniform(0.9, 1.1)),
+        lung_drop=lung_drop,
+        mediastinum_attenuation=float(rng.uniform(0.35, 0.55)),
+        heart_attenuation=float(rng.uniform(0.30, 0.45)),
+        spine_attenuation=float(rng.uniform(0.15, 0.30)),
+        texture_amplitude=float(rng.uniform(0.01, 0.04)),
+        texture_cell_mm=float(rng.uniform(5.0, 10.0)),
+        texture_seed=int(rng.integers(2**63 - 1)),
+        vertical_gradient=float(rng.uniform(-0.1, 0.1)),
+        value_low=float(rng.uniform(0.01, 0.10) * ((1 << bits_stored) - 1)),
+        value_high=float(rng.uniform(0.55, 0.95) * ((1 << bits_stored) - 1)),
+        noise_sigma=float(noise_sigma),
+        noise_seed=int(rng.integers(2**63 - 1)),
+    )
+    opacities = _draw_opacities(rng, params, n_opacities, opacity_diameters_mm)
+    return replace(params, opacities=opacities)
+
+
+def render_chest_xray(params: ChestXrayParams, grid: PixelGrid | None = None) -> ChestXrayPhantom:
+    """Sample ``params`` at the centers of ``grid`` (default: the native grid) into a one-slice Volume.
+
+    On a coarser grid the noise sigma shrinks with the square root of the pixel-area ratio, as when the
+    native image is downsampled by averaging. Values are integers in [0, 2**bits_stored - 1], stored as
+    float32 in the MONOCHROME2 sense.
+    """
+    grid = grid or params.native_grid
+    x = grid.x_mm().astype(np.float32)[None, :]  # (1, columns)
+    y = grid.y_mm().astype(np.float32)[:, None]  # (rows, 1)
+    width, height = params.field_of_view_mm
+    edge = params.edge_mm
+
+    # Whole-image terms are separable or cheap; the rest is computed in the bounding box it lives in.
+    body = params.body.weight(x, y, edge)
+    lateral = np.abs(x - params.midline_mm)  # (1, columns)
+    mediastinum = _smoothstep(0.5 + (params.mediastinum_half_width_mm - lateral) / edge) * _smoothstep(
+        0.5 + (params.mediastinum_bottom_mm - y) / (4 * edge)
+    )
+    spine = _smoothstep(0.5 + (params.spine_half_width_mm - lateral) / edge)
+    attenuation = (params.tissue_attenuation + params.spine_attenuation * spine) * body
+    attenuation += params.mediastinum_attenuation * mediastinum
+
+    lo = np.min([np.subtract(lung.center_mm, lung.semi_axes_mm) for lung in params.lungs], axis=0) - 2 * edge
+    hi = np.max([np.add(lung.center_mm, lung.semi_axes_mm) for lung in params.lungs], axis=0) + 2 * edge
+    thorax_box = _block(grid, lo, hi)
+    if thorax_box is not None:
+        rows, cols = thorax_box
+        xb, yb, lateral_b = x[:, cols], y[rows], lateral[:, cols]
+        mediastinum_b = mediastinum[rows, cols]
+        lungs = np.maximum(params.lungs[0].weight(xb, yb, edge), params.lungs[1].weight(xb, yb, edge))
+        lungs *= 1.0 - mediastinum_b
+        thorax = np.maximum(lungs, mediastinum_b)
+        view = attenuation[rows, cols]
+        view -= params.lung_drop * lungs
+        for ribs in (params.posterior_ribs, params.anterior_ribs):
+            view += ribs.attenuation * _ribs(ribs, lateral_b, yb, edge) * thorax
+        view += params.texture_amplitude * _texture(params, grid, thorax_box, width, height) * lungs
+
+    heart = params.heart
+    heart_box = _block(
+        grid,
+        np.subtract(heart.center_mm, heart.semi_axes_mm) - 2 * edge,
+        np.add(heart.center_mm, heart.semi_axes_mm) + 2 * edge,
+    )
+    if heart_box is not None:
+        rows, cols = heart_box
+        attenuation[rows, cols] += params.heart_attenuation * heart.weight(x[:, cols], y[rows], edge)
+
+    for a, b in _clavicle_segments(params):
+        reach = params.clavicle_half_thickness_mm + edge
+        box = _block(grid, np.minimum(a, b) - reach, np.maximum(a, b) + reach)
+        if box is not None:
+            rows, cols = box
+            attenuation[rows, cols] += CLAVICLE_ATTENUATION * _bar(
+                a, b, x[:, cols], y[rows], params.clavicle_half_thickness_mm, edge
+            )
+
+    for opacity in params.opacities:
+        _add_opacity(attenuation, opacity, grid)
+    attenuation *= 1.0 + params.vertical_gradient * (y / height - 0.5)
+
+    if params.noise_sigma > 0:
+        area_ratio = (grid.spacing_mm[0] * grid.spacing_mm[1]) / (
+            params.pixel_spacing_mm[0] * params.pixel_spacing_mm[1]
+        )
+        sigma = np.float32(params.noise_sigma / math.sqrt(max(area_ratio, 1.0)))
+        noise = np.random.default_rng(params.noise_seed).standard_normal(attenuation.shape, dtype=np.float32)
+        noise *= sigma
+        attenuation += noise
+
+    scale = np.float32((params.value_high - params.value_low) / ATTENUATION_REF)
+    values = attenuation * scale + np.float32(params.value_low)
+    np.clip(np.rint(values, out=values), 0, params.max_value, out=values)
+
+    spacing_row, spacing_col = grid.spacing_mm
+    affine = np.diag([spacing_col, spacing_row, 1.0, 1.0])
+    affine[:2, 3] = grid.origin_mm
+    volume = Volume(voxels=values.T[:, :, None], affine=affine, modality=params.modality)
+    lesions = tuple(
+        PlantedLesion(label=OPACITY_LABEL, center_mm=o.center_mm, diameter_mm=o.diameter_mm)  # type: ignore[arg-type]
+        for o in params.opacities
+    )
+    return ChestXrayPhantom(
+        volume=volume, lesions=lesions, photometric=params.photometric, bits_stored=params.bits_stored
+    )
+
+
+def write_xray_dicom(
+    phantom_or_volume: Phantom | Volume,
+    path: Path,
+    *,
+    modality: str | None = None,
+    photometric: str | None = None,
+    bits_stored: int | None = None,
+    spacing_tag: str = "ImagerPixelSpacing",
+    patient_name: str = "PHANTOM^CHEST",
+    patient_id: str = "PHANTOM-0001",
+    accession_number: str = "PHANTOM0001",
+    study_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+) -> Path:
+    """Write a one-slice projection image as a DX (For Presentation) or CR DICOM file; return ``path``.
+
+    ``modality``, ``photometric`` and ``bits_stored`` default to the phantom's (a plain Volume: its
+    modality, MONOCHROME2, 16 bits). The voxels are MONOCHROME2-sense values; MONOCHROME1 stores
+    ``2**bits_stored - 1 - value``, with PresentationLUTShape INVERSE on DX. ``spacing_tag`` picks which
+    attribute carries the pixel spacing: ImagerPixelSpacing (the detector plane, what DX requires),
+    PixelSpacing (as many CR files do; on DX this departs from the IOD, which is useful to test
+    readers' fall-backs) or both. Pixels are unsigned 16-bit allocated, rows x columns = voxels[:, :, 0].T.
+    """
+    volume = phantom_or_volume.volume if isinstance(phantom_or_volume, Phantom) else phantom_or_volume
+    if volume.shape[2] != 1:
+        raise ValueError(f"a projection image has one slice, got a volume of shape {volume.shape}")
+    modality = (modality or volume.modality).upper()
+    if modality not in XRAY_MODALITIES:
+        raise ValueError(f"modality must be one of {XRAY_MODALITIES}, got {modality!r}")
+    photometric = photometric or getattr(phantom_or_volume, "photometric", "MONOCHROME2")
+    if photometric not in PHOTOMETRICS:
+        raise ValueError(f"photometric must be one of {PHOTOMETRICS}, got {photometric!r}")
+    bits_stored = int(bits_stored or getattr(phantom_or_volume, "bits_stored", 16))
+    if not 8 <= bits_stored <= 16:
+        raise ValueError(f"bits_stored must be in [8, 16], got {bits_stored}")
+    if spacing_tag not in SPACING_TAGS:
+        raise ValueError(f"spacing_tag must be one of {SPACING_TAGS}, got {spacing_tag!r}")
+    transfer_syntax = _check_transfer_syntax(transfer_syntax)
+
+    max_value = (1 << bits_stored) - 1
+    values = np.rint(np.asarray(volume.voxels[:, :, 0], dtype=np.float64).T)
+    if values.min() < 0 or values.max() > max_value:
+        raise ValueError(f"voxel values [{values.min()}, {values.max()}] do not fit {bits_stored} unsigned bits")
+    stored = (max_value - values if photometric == "MONOCHROME1" else values).astype(np.uint16)
+
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = DigitalXRayImageStorageForPresentation if modality == "DX" else ComputedRadiographyImageStorage
+    ds.SOPInstanceUID = sop_instance_uid or generate_uid()
+    ds.file_meta = _file_meta(ds.SOPClassUID, ds.SOPInstanceUID, transfer_syntax)
+    ds.StudyInstanceUID = study_instance_uid or generate_uid()
+    ds.SeriesInstanceUID = series_instance_uid or generate_uid()
+    ds.Modality = modality
+    ds.Manufacturer = "radserve"
+    ds.ManufacturerModelName = "synthetic phantom"
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "O"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = _STUDY_DATE
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = _STUDY_TIME
+    ds.StudyID = "1"
+    ds.AccessionNumber = accession_number
+    ds.ReferringPhysicianName = ""
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.SeriesDescription = "Synthetic chest PA"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.PatientOrientation = ["L", "F"]  # rows run to the patient's left, columns to the feet
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.KVP = "120"
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    ds.AnatomicRegionSequence = DicomSequence([_code("51185008", "SCT", "Chest")])
+    ds.ViewCodeSequence = DicomSequence([_code("399348003", "SCT", "postero-anterior")])
+    if modality == "DX":
+        ds.PresentationIntentType = "FOR PRESENTATION"
+        ds.PositionerType = ""
+        ds.ImageLaterality = "U"
+        ds.AcquisitionContextSequence = DicomSequence([])
+        ds.DetectorType = "SCINTILLATOR"
+        ds.PixelIntensityRelationship = "LOG"
+        # -1: higher stored values mean less X-ray intensity at the detector (more attenuation).
+        ds.PixelIntensityRelationshipSign = -1 if photometric == "MONOCHROME2" else 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "US"
+        ds.PresentationLUTShape = "IDENTITY" if photometric == "MONOCHROME2" else "INVERSE"
+
+    spacing_col, spacing_row = volume.spacing_mm[:2]
+    spacing = [_ds(spacing_row), _ds(spacing_col)]  # DICOM order: row spacing, column spacing
+    if spacing_tag in ("ImagerPixelSpacing", "both"):
+        ds.ImagerPixelSpacing = spacing
+    if spacing_tag in ("PixelSpacing", "both"):
+        ds.PixelSpacing = spacing
+
+    low, high = np.percentile(stored, [1, 99])
+    ds.WindowCenter, ds.WindowWidth = _ds((low + high) / 2), _ds(max(high - low, 1.0))
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    if transfer_syntax.is_compressed:
+        ds.compress(transfer_syntax, np.ascontiguousarray(stored), generate_instance_uid=False)
+    else:
+        ds.PixelData = np.ascontiguousarray(stored).astype("<u2", copy=False).tobytes()
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    logger.debug("wrote %s %s %dx%d (%d bits) to %s", modality, photometric, *stored.shape, bits_stored, path)
+    return path
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def _draw_opacities(
+    rng: np.random.Generator,
+    params: ChestXrayParams,
+    n_opacities: int | None,
+    diameters_mm: Sequence[float] | None,
+) -> tuple[Opacity, ...]:
+    """Place non-overlapping opacities inside the lung fields (clear of heart and mediastinum) by rejection."""
+    margin = 2.0 * params.edge_mm
+    # Drawn diameters stay below what fits, with room, at the center of the narrower lung.
+    largest_fit = min(min(lung.semi_axes_mm) for lung in params.lungs) - margin
+    d_cap = min(OPACITY_DIAMETER_RANGE_MM[1], 2.0 * 0.7 * largest_fit)
+    if diameters_mm is not None:
+        diameters: list[float | None] = [float(d) for d in diameters_mm]
+        if n_opacities is not None and n_opacities != len(diameters):
+            raise ValueError(f"n_opacities={n_opacities} but {len(diameters)} opacity diameters given")
+        if any(d <= 0 for d in diameters):  # type: ignore[operator]
+            raise ValueError(f"opacity diameters must be positive, got {diameters_mm}")
+    else:
+        drawn_count = n_opacities is None
+        count = int(rng.integers(0, MAX_OPACITIES + 1)) if drawn_count else int(n_opacities)  # type: ignore[arg-type]
+        if count < 0:
+            raise ValueError(f"n_opacities must be >= 0, got {n_opacities}")
+        if count and d_cap < OPACITY_DIAMETER_RANGE_MM[0]:
+            if not drawn_count:
+                raise ValueError(
+                    f"lungs too small for a {OPACITY_DIAMETER_RANGE_MM[0]} mm opacity in this field of view"
+                )
+            count = 0
+        diameters = [None] * count
+
+    placed: list[Opacity] = []
+    for requested in diameters:
+        for _ in range(_PLACEMENT_ATTEMPTS):
+            diameter = requested if requested is not None else float(rng.uniform(OPACITY_DIAMETER_RANGE_MM[0], d_cap))
+            lung = params.lungs[int(rng.integers(2))]
+            angle, reach = rng.uniform(0, 2 * np.pi), math.sqrt(rng.random())
+            center = np.asarray(lung.center_mm) + np.asarray(lung.semi_axes_mm) * reach * [
+                math.cos(angle),
+                math.sin(angle),
+            ]
+            candidate = Opacity(
+                center_mm=(float(center[0]), float(center[1])),
+                diameter_mm=float(diameter),
+                contrast=float(rng.uniform(*OPACITY_CONTRAST_RANGE)),
+                profile_power=float(rng.uniform(0.5, 1.0)),
+            )
+            if _fits(candidate, lung, params, placed, margin):
+                placed.append(candidate)
+                break
+        else:
+            if diameters_mm is None and n_opacities is None:
+                logger.debug("no room for more opacities in this field of view; planting %d", len(placed))
+                break
+            raise ValueError(
+                f"could not place a {diameter:.1f} mm opacity inside the lung fields of this field of view "
+                f"next to {len(placed)} others"
+            )
+    return tuple(placed)
+
+
+def _fits(opacity: Opacity, lung: Ellipse, params: ChestXrayParams, placed: list[Opacity], margin: float) -> bool:
+    """Disc plus ``margin`` inside the lung ellipse, outside heart and mediastinum, apart from the others."""
+    center = np.asarray(opacity.center_mm)
+    radius = opacity.diameter_mm / 2.0
+    angles = np.linspace(0.0, 2.0 * np.pi, _RIM_SAMPLES, endpoint=False)
+    rim = center + (radius + margin) * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    points = np.vstack([center, rim])
+    if np.any(lung.normalized_radius(points[:, 0], points[:, 1]) >= 1.0):
+        return False
+    if np.any(params.heart.normalized_radius(points[:, 0], points[:, 1]) <= 1.0):
+        return False
+    if np.any(np.abs(points[:, 0] - params.midline_mm) <= params.mediastinum_half_width_mm + params.edge_mm):
+        return False
+    return all(
+        np.linalg.norm(center - np.asarray(other.center_mm)) >= radius + other.diameter_mm / 2.0 + 2.0 * margin
+        for other in placed
+    )
+
+
+def _ribs(ribs: Ribs, lateral: np.ndarray, y: np.ndarray, edge_mm: float) -> np.ndarray:
+    """Rounded bands, one per rib, fading out beyond the lateral extent."""
+    u = lateral / np.float32(ribs.lateral_extent_mm)
+    phase = (y - np.float32(ribs.top_mm) - np.float32(ribs.sag_mm) * u * u + np.float32(ribs.rise_mm) * u) / np.float32(
+        ribs.pitch_mm
+    )
+    threshold = math.cos(math.pi * ribs.width_fraction)
+    band = np.clip((np.cos(np.float32(2.0 * np.pi) * phase) - threshold) / (1.0 - threshold), 0.0, 1.0)
+    band = np.sqrt(band)  # a rib's cross-section: thickest along its middle
+    in_cage = _smoothstep(phase + 0.5) * _smoothstep(ribs.count - 0.5 - phase)
+    lateral_fade = _smoothstep((1.0 - u) * ribs.lateral_extent_mm / (4 * edge_mm))
+    return band * in_cage * lateral_fade
+
+
+def _clavicle_segments(params: ChestXrayParams) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Two bars rising from the sternal ends (near the midline) to the shoulders, as (start, end) in mm."""
+    width, _ = params.field_of_view_mm
+    segments = []
+    for side in (-1.0, 1.0):
+        start = np.array([params.midline_mm + side * 0.04 * width, params.clavicle_y_mm])
+        end = np.array([params.midline_mm + side * 0.32 * width, params.clavicle_y_mm - 0.05 * width])
+        segments.append((start, end))
+    return segments
+
+
+def _bar(
+    a: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarray, half_thickness_mm: float, edge_mm: float
+) -> np.ndarray:
+    """Smooth indicator of the points within ``half_thickness_mm`` of the segment ``a``-``b``."""
+    (ax, ay), (dx, dy) = (float(v) for v in a), (float(v) for v in b - a)
+    t = np.clip(((x - ax) * dx + (y - ay) * dy) / (dx * dx + dy * dy), 0.0, 1.0)
+    distance = np.sqrt((x - ax - t * dx) ** 2 + (y - ay - t * dy) ** 2)
+    return _smoothstep(0.5 + (half_thickness_mm - distance) / edge_mm)
+
+
+def _texture(
+    params: ChestXrayParams, grid: PixelGrid, box: tuple[slice, slice], width_mm: float, height_mm: float
+) -> np.ndarray:
+    """Smooth unit-variance random field on a fixed mm lattice, bilinearly interpolated at the pixel centers of ``box``.
+
+    The lattice depends only on the parameters, so every grid sees the same texture. Interpolation is
+    separable: ``Wy @ lattice @ Wx.T``.
+    """
+    cell = params.texture_cell_mm
+    nx, ny = math.ceil(width_mm / cell) + 3, math.ceil(height_mm / cell) + 3
+    lattice = np.random.default_rng(params.texture_seed).standard_normal((ny, nx)).astype(np.float32)
+    wy = _linear_weights(grid.y_mm()[box[0]], -cell, cell, ny)
+    wx = _linear_weights(grid.x_mm()[box[1]], -cell, cell, nx)
+    return (wy @ lattice) @ wx.T
+
+
+def _linear_weights(coords_mm: np.ndarray, start_mm: float, step_mm: float, n: int) -> np.ndarray:
+    """(len(coords), n) linear-interpolation weights of lattice nodes ``start + k * step``."""
+    position = np.clip((coords_mm - start_mm) / step_mm, 0.0, n - 1.000001)
+    below = np.floor(position).astype(np.int64)
+    frac = (position - below).astype(np.float32)
+    weights = np.zeros((len(coords_mm), n), dtype=np.float32)
+    rows = np.arange(len(coords_mm))
+    weights[rows, below] = 1.0 - frac
+    weights[rows, below + 1] = frac
+    return weights
+
+
+def _add_opacity(attenuation: np.ndarray, opacity: Opacity, grid: PixelGrid) -> None:
+    """Add one opacity in place, computing only the pixels of its bounding box."""
+    center, radius = np.asarray(opacity.center_mm), opacity.diameter_mm / 2.0
+    box = _block(grid, center - radius, center + radius)
+    if box is None:
+        return
+    rows, cols = box
+    x = grid.x_mm()[None, cols]
+    y = grid.y_mm()[rows, None]
+    inside = np.clip(1.0 - ((x - center[0]) ** 2 + (y - center[1]) ** 2) / radius**2, 0.0, None)
+    attenuation[rows, cols] += (opacity.contrast * inside**opacity.profile_power).astype(np.float32)
+
+
+def _block(grid: PixelGrid, lo_mm: np.ndarray, hi_mm: np.ndarray) -> tuple[slice, slice] | None:
+    """(rows, columns) slices of the pixels whose centers lie in the mm box [lo, hi] ((x, y) corners), or None."""
+    (spacing_row, spacing_col), (x0, y0) = grid.spacing_mm, grid.origin_mm
+    c_lo, c_hi = math.ceil((lo_mm[0] - x0) / spacing_col), math.floor((hi_mm[0] - x0) / spacing_col) + 1
+    r_lo, r_hi = math.ceil((lo_mm[1] - y0) / spacing_row), math.floor((hi_mm[1] - y0) / spacing_row) + 1
+    c_lo, r_lo = max(c_lo, 0), max(r_lo, 0)
+    c_hi, r_hi = min(c_hi, grid.shape[1]), min(r_hi, grid.shape[0])
+    if c_hi <= c_lo or r_hi <= r_lo:
+        return None
+    return slice(r_lo, r_hi), slice(c_lo, c_hi)
+
+
+def _smoothstep(t: np.ndarray | float) -> np.ndarray:
+    t = np.clip(np.asarray(t, dtype=np.float32), 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
