@@ -204,7 +204,9 @@ def response_to_json(response: Any) -> dict[str, Any]:
         if f.sop_instance_uid:
             item["sop_instance_uid"] = f.sop_instance_uid
         if f.center_voxel:
-            item["center_voxel"] = [round(v, 2) for v in f.center_voxel]
+            # Projection X-ray (a 2-D center on the image plane): the pixel is [column, row], `center_px`.
+            key = "center_px" if len(f.center_mm) == 2 else "center_voxel"
+            item[key] = [round(v, 2) for v in f.center_voxel]
         findings.append(item)
     return {
         "request_id": response.request_id,
@@ -219,7 +221,9 @@ def response_to_json(response: Any) -> dict[str, Any]:
 
 def _table(result: dict[str, Any]) -> str:
     lines = [f"model {result['model']}:{result['model_version']} on {result['device']}"]
-    lines.append(f"{'#':>2}  {'label':<10} {'score':>6}  {'center_mm (LPS)':<30} {'diameter_mm':>11}")
+    planar = any(len(f["center_mm"]) == 2 for f in result["findings"])
+    center = "center_mm (image plane)" if planar else "center_mm (LPS)"
+    lines.append(f"{'#':>2}  {'label':<10} {'score':>6}  {center:<30} {'diameter_mm':>11}")
     for i, f in enumerate(result["findings"], 1):
         center = ", ".join(f"{v:.1f}" for v in f["center_mm"])
         lines.append(
