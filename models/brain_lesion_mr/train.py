@@ -1,0 +1,704 @@
+"""Train ``brain_lesion_mr`` (a small 3-D U-Net) on synthetic brain MR phantoms and evaluate it as the service reads.
+
+    .venv/bin/python models/brain_lesion_mr/train.py --out models/brain_lesion_mr/1 [--iterations N] [--seed S]
+        [--eval-studies N]
+
+Writes to ``--out``: ``model.yaml``, ``model.pt`` (float32 state dict), ``metrics.json`` and ``MODEL_CARD.md``.
+Everything is seeded: the same arguments on the same machine give the same weights, and the committed
+version is what the defaults produce.
+
+1. Training phantoms (``sample_brain_mr_params``: the generator's full ranges, 1-3 lesions asked for each),
+   preprocessed by the model's own ``preprocess()`` and cached in memory; the target is ``lesion_mask()``
+   evaluated at the voxel centers of the preprocessed grid (exact, no label resampling).
+2. Training: MONAI's DiceCELoss (softmax; Dice of the lesion channel over the batch, plus cross-entropy) on
+   random crops, most of them holding a lesion voxel (lesions equally likely, whatever their size); random
+   flips and intensity jitter; Adam with warm-up and cosine decay.
+3. Validation phantoms (their own seed): read through ``run_direct``, finalized at a grid of probability
+   thresholds; the committed threshold has the best sensitivity where no study has more than one false
+   positive.
+4. Test phantoms (their own seed, the generator's full ranges, 0-3 lesions): read through ``run_direct`` -
+   the code path of the service - for Dice on the input grid, lesion sensitivity (finding center within
+   3 mm of the planted centroid), false positives per study and the reading time of typical studies.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before torch loads OpenMP: on a shared, oversubscribed CPU, spinning worker threads slow training ~10x.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from monai.losses import DiceCELoss
+from scipy import ndimage
+
+from inference.engine.direct import run_direct
+from inference.engine.preprocess import preprocess
+from inference.engine.task import PreparedStudy
+from inference.io.volume import Volume
+from inference.modelrepo.schema import ModelConfig
+from inference.phantoms.brain_mr import BrainMRParams, lesion_mask, render_brain_mr, sample_brain_mr_params
+from inference.postprocess.finding import Finding
+from inference.tasks.segmentation import SegmentationTask
+
+logger = logging.getLogger("train_brain_lesion_mr")
+
+SPACING_MM = 2.0
+MODEL_YAML: dict[str, Any] = {
+    "name": "brain_lesion_mr",
+    "task": "segmentation",
+    "modalities": ["MR"],
+    "labels": ["lesion"],
+    "description": (
+        "Focal brain lesions (5-40 mm, brighter or darker than the parenchyma) on T1-like MR. A small MONAI "
+        "U-Net trained on synthetic phantoms only: research and demo use, not for clinical use."
+    ),
+    "preprocessing": {"spacing_mm": [SPACING_MM] * 3, "normalize": "zscore"},
+    "network": {
+        "target": "monai.networks.nets.UNet",
+        "args": {
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": 2,  # background + lesion, softmax
+            "channels": [16, 32, 64, 128],
+            "strides": [2, 2, 2],
+            "num_res_units": 2,
+            # Batch norm, not instance norm: in eval mode it uses running statistics, so a prediction does not
+            # depend on what else a patch holds (training crops and inference patches differ in size), and it
+            # is several times faster on the CPU.
+            "norm": "batch",
+        },
+        "weights": "model.pt",
+    },
+    # 96x96x64 voxels = 192x192x128 mm: most heads in 8 patches; divisible by the U-Net's total stride 8.
+    "inferer": {"roi_size": [96, 96, 64], "overlap": 0.25},
+    "postprocessing": {"score_threshold": 0.5, "min_volume_ml": 0.01, "min_size_mm": 0.0, "max_detections": 10},
+    "batching": {"max_batch_size": 4, "max_queue_delay_ms": 5.0},
+    "autocast": "bf16",
+}
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    iterations: int = 600
+    batch_size: int = 4
+    crop_voxels: tuple[int, int, int] = (48, 48, 48)  # 96 mm: context enough for the skull, cheap on a CPU
+    positive_fraction: float = 0.6  # crops holding a lesion voxel (lesions equally likely)
+    head_fraction: float = 0.3  # crops centered in the head, lesion or not: the hard negatives; the rest anywhere
+    learning_rate: float = 2e-3
+    warmup_iterations: int = 20
+    train_phantoms: int = 60
+    max_lesions_per_training_phantom: int = 3
+    val_phantoms: int = 8
+    threshold_grid: tuple[float, ...] = (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
+    max_fp_per_study: int = 1  # validation constraint on the tuned threshold
+    hit_tolerance_mm: float = 3.0
+    small_lesion_mm: float = 10.0  # sensitivity is also reported below / above this diameter
+    timing_studies: int = 3
+    timing_shape: tuple[int, int, int] = (256, 256, 160)  # a 3-D T1 at 1 mm
+    timing_spacing_mm: float = 1.0
+
+
+RNG_STREAMS = {"train": 0, "crops": 1, "val": 2, "test": 3, "timing": 4}
+
+
+def _rng(seed: int, stream: str) -> np.random.Generator:
+    return np.random.default_rng([seed, RNG_STREAMS[stream]])
+
+
+def draw_params(rng: np.random.Generator, n_lesions: int | None, **kwargs: Any) -> BrainMRParams:
+    """A phantom's parameters; asks for ``n_lesions`` and falls back to the drawn count if they do not fit."""
+    seed = int(rng.integers(2**31))
+    try:
+        return sample_brain_mr_params(seed, n_lesions=n_lesions, **kwargs)
+    except ValueError:  # the brain in this field of view cannot hold that many lesions
+        return sample_brain_mr_params(seed, **kwargs)
+
+
+@dataclass
+class TrainingStudy:
+    image: torch.Tensor  # (1, X, Y, Z) float16, preprocessed
+    label: torch.Tensor  # (1, X, Y, Z) uint8: 1 where the voxel center lies in a planted lesion
+    lesion_voxels: list[np.ndarray]  # per connected lesion, (N, 3) indices of its voxels: for positive crops
+    head_voxels: np.ndarray  # (M, 3) indices of every 4th voxel per axis inside the head: for negative crops
+
+
+def build_training_set(config: ModelConfig, seed: int, settings: TrainSettings) -> list[TrainingStudy]:
+    rng = _rng(seed, "train")
+    studies = []
+    n_lesions = 0
+    for n in range(settings.train_phantoms):
+        params = draw_params(rng, int(rng.integers(1, settings.max_lesions_per_training_phantom + 1)))
+        phantom = render_brain_mr(params)
+        n_lesions += len(phantom.lesions)
+        pre = preprocess(phantom.volume, config.preprocessing)
+        label = lesion_mask(params, affine=pre.affine, shape=pre.image.shape[1:])
+        components, count = ndimage.label(label)
+        lesion_voxels = [np.argwhere(components == n) for n in range(1, count + 1)]
+        studies.append(
+            TrainingStudy(
+                pre.image.half(),
+                torch.from_numpy(label[None].astype(np.uint8)),
+                lesion_voxels,
+                head_voxels(params, pre.affine, label.shape),
+            )
+        )
+        logger.debug(
+            "training phantom %d: %s -> %s, %d lesions, %d lesion voxels",
+            n,
+            phantom.volume.shape,
+            tuple(pre.image.shape[1:]),
+            len(phantom.lesions),
+            int(label.sum()),
+        )
+    logger.info("%d training phantoms, %d lesions", len(studies), n_lesions)
+    return studies
+
+
+def head_voxels(params: BrainMRParams, affine: np.ndarray, shape: Sequence[int], step: int = 4) -> np.ndarray:
+    """Indices of every ``step``-th voxel per axis of the grid ``affine`` whose center lies inside the head."""
+    index = np.stack(np.meshgrid(*[np.arange(0, s, step) for s in shape], indexing="ij"), axis=-1).reshape(-1, 3)
+    x, y, z = (index @ affine[:3, :3].T + affine[:3, 3]).T
+    return index[params.tissue("head").region.contains(x, y, z)]
+
+
+def crop_with_padding(image: torch.Tensor, origin: np.ndarray, size: Sequence[int], pad_value: float) -> torch.Tensor:
+    """``image[:, origin : origin + size]`` where the window may reach outside the image (filled with pad_value)."""
+    out = torch.full((image.shape[0], *size), pad_value, dtype=torch.float32)
+    shape = np.asarray(image.shape[1:])
+    src_lo = np.maximum(origin, 0)
+    src_hi = np.minimum(origin + np.asarray(size), shape)
+    if np.all(src_hi > src_lo):
+        dst_lo = src_lo - origin
+        dst_hi = dst_lo + (src_hi - src_lo)
+        out[(slice(None), *(slice(a, b) for a, b in zip(dst_lo, dst_hi, strict=True)))] = image[
+            (slice(None), *(slice(a, b) for a, b in zip(src_lo, src_hi, strict=True)))
+        ].float()
+    return out
+
+
+def sample_crop(
+    study: TrainingStudy, rng: np.random.Generator, settings: TrainSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training crop (1, *crop) float32 and its label (1, *crop) int64, flipped and jittered at random."""
+    size = np.asarray(settings.crop_voxels)
+    shape = np.asarray(study.image.shape[1:])
+    draw = rng.random()
+    if study.lesion_voxels and draw < settings.positive_fraction:
+        # A lesion first, then one of its voxels: small lesions are seen as often as large ones.
+        lesion = study.lesion_voxels[rng.integers(len(study.lesion_voxels))]
+        voxel = lesion[rng.integers(len(lesion))]
+        origin = voxel - np.array([rng.integers(s // 8, s - s // 8) for s in size])  # the voxel, off the crop's edge
+    elif len(study.head_voxels) and draw < settings.positive_fraction + settings.head_fraction:
+        voxel = study.head_voxels[rng.integers(len(study.head_voxels))]
+        origin = voxel - np.array([rng.integers(s // 4, s - s // 4) for s in size])
+    else:  # anywhere, reaching up to a quarter crop outside the image as the padded patches do
+        lo = -size // 4
+        hi = np.maximum(shape - 3 * size // 4, lo)
+        origin = np.array([rng.integers(a, b + 1) for a, b in zip(lo, hi, strict=True)])
+    # The task pads patches with the image minimum (the background): so do the crops.
+    crop = crop_with_padding(study.image, origin, size, float(study.image.min()))
+    label = crop_with_padding(study.label, origin, size, 0.0).long()
+    for axis in range(3):
+        if rng.random() < 0.5:
+            crop, label = crop.flip(axis + 1), label.flip(axis + 1)
+    # Intensity jitter: the z-score of other heads, bias fields and noise levels differs a little.
+    crop = crop * float(rng.uniform(0.9, 1.1)) + float(rng.uniform(-0.1, 0.1))
+    return crop, label
+
+
+def train(config: ModelConfig, studies: list[TrainingStudy], settings: TrainSettings, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    network = SegmentationTask(config, torch.device("cpu")).build_network()
+    logger.info("network: %d parameters", sum(p.numel() for p in network.parameters()))
+    network.train()
+    # Dice of the lesion channel over the whole batch (crops without a lesion do not divide by zero), plus CE.
+    loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
+    optimizer = torch.optim.Adam(network.parameters(), lr=settings.learning_rate)
+
+    def lr_factor(step: int) -> float:
+        if step < settings.warmup_iterations:
+            return (step + 1) / settings.warmup_iterations
+        progress = (step - settings.warmup_iterations) / max(1, settings.iterations - settings.warmup_iterations)
+        return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    rng = _rng(seed, "crops")
+    start = time.perf_counter()
+    running = 0.0
+    for step in range(settings.iterations):
+        pairs = [sample_crop(studies[rng.integers(len(studies))], rng, settings) for _ in range(settings.batch_size)]
+        images = torch.stack([image for image, _ in pairs])
+        labels = torch.stack([label for _, label in pairs])
+        loss = loss_fn(network(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        running += float(loss.detach())
+        if (step + 1) % 25 == 0:
+            logger.info(
+                "iteration %d/%d: DiceCE %.4f lr %.2e (%.0f s)",
+                step + 1,
+                settings.iterations,
+                running / 25,
+                scheduler.get_last_lr()[0],
+                time.perf_counter() - start,
+            )
+            running = 0.0
+    return network.eval()
+
+
+class SweepTask(SegmentationTask):
+    """The service's task, finalizing each study at several thresholds and keeping the masks for Dice.
+
+    ``run_direct`` returns the Findings at the first threshold; ``self.sweep`` holds, per threshold, the
+    Findings and the mask of the last study read. The thresholds share one forward pass per study.
+    """
+
+    def __init__(self, config: ModelConfig, thresholds: Sequence[float]) -> None:
+        super().__init__(config, torch.device("cpu"), score_threshold=thresholds[0])
+        self.thresholds = tuple(thresholds)
+        self.sweep: dict[float, tuple[list[Finding], np.ndarray]] = {}
+
+    def finalize(self, volume: Volume, prepared: PreparedStudy, results: list[Any]) -> list[Finding]:
+        self.sweep = {}
+        for threshold in self.thresholds:
+            self.threshold = threshold
+            findings = super().finalize(volume, prepared, results)
+            self.sweep[threshold] = (findings, prepared.context.masks[self.config.labels[0]])
+        self.threshold = self.thresholds[0]
+        return self.sweep[self.thresholds[0]][0]
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    shape: tuple[int, ...]
+    spacing_mm: tuple[float, ...]
+    lesions: list[dict[str, Any]]  # center_mm, diameter_mm, volume_ml, contrast
+    findings: list[dict[str, Any]]  # center_mm, score, diameter_mm, volume_ml
+    dice: float | None  # None when the study has no lesion
+    read_s: float
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def read_studies(
+    config: ModelConfig,
+    network: torch.nn.Module,
+    rng: np.random.Generator,
+    count: int,
+    thresholds: Sequence[float],
+) -> dict[float, list[StudyResult]]:
+    """Read ``count`` fresh phantoms through ``run_direct``; per threshold, each study's findings and Dice."""
+    task = SweepTask(config, thresholds)
+    results: dict[float, list[StudyResult]] = {t: [] for t in thresholds}
+    for n in range(count):
+        params = draw_params(rng, None)
+        phantom = render_brain_mr(params)
+        start = time.perf_counter()
+        run_direct(task, network, phantom.volume, batch_size=config.batching.max_batch_size)
+        read_s = time.perf_counter() - start
+        truth = lesion_mask(params)
+        lesions = [
+            {
+                "center_mm": lesion.center_mm,
+                "diameter_mm": lesion.diameter_mm,
+                "volume_ml": lesion.volume_ml,
+                "contrast": planted.contrast,
+            }
+            for lesion, planted in zip(phantom.lesions, params.lesions, strict=True)
+        ]
+        for threshold, (findings, predicted) in task.sweep.items():
+            results[threshold].append(
+                StudyResult(
+                    shape=phantom.volume.shape,
+                    spacing_mm=tuple(round(s, 3) for s in phantom.volume.spacing_mm),
+                    lesions=lesions,
+                    findings=[
+                        {
+                            "center_mm": f.center_mm,
+                            "score": f.score,
+                            "diameter_mm": f.diameter_mm,
+                            "volume_ml": f.volume_ml,
+                        }
+                        for f in findings
+                    ],
+                    dice=dice(predicted, truth) if phantom.lesions else None,
+                    read_s=read_s,
+                )
+            )
+        first = results[thresholds[0]][-1]
+        logger.info(
+            "study %d %s %s mm: %d lesions %s; at %.2f: %d findings, Dice %s; read in %.1f s",
+            n,
+            phantom.volume.shape,
+            first.spacing_mm,
+            len(phantom.lesions),
+            [f"{lesion['diameter_mm']:.0f} mm {lesion['contrast']}" for lesion in lesions],
+            thresholds[0],
+            len(first.findings),
+            "n/a" if first.dice is None else f"{first.dice:.3f}",
+            read_s,
+        )
+    return results
+
+
+def match_study(study: StudyResult, tolerance_mm: float) -> tuple[list[int | None], int]:
+    """One-to-one matching by decreasing score: each lesion's finding index (None: missed) and the FP count."""
+    order = sorted(range(len(study.findings)), key=lambda n: -study.findings[n]["score"])
+    matched: list[int | None] = [None] * len(study.lesions)
+    false_positives = 0
+    for n in order:
+        center = study.findings[n]["center_mm"]
+        best, best_d = None, tolerance_mm
+        for m, lesion in enumerate(study.lesions):
+            d = float(np.linalg.norm(np.subtract(center, lesion["center_mm"])))
+            if matched[m] is None and d <= best_d:
+                best, best_d = m, d
+        if best is None:
+            false_positives += 1
+        else:
+            matched[best] = n
+    return matched, false_positives
+
+
+def evaluate(results: list[StudyResult], tolerance_mm: float, small_mm: float) -> dict[str, Any]:
+    groups: dict[str, list[bool]] = {"all": [], f"lt_{small_mm:g}mm": [], f"ge_{small_mm:g}mm": []}
+    groups |= {"bright": [], "dark": []}
+    errors, volume_errors, diameter_errors, fps = [], [], [], []
+    for study in results:
+        matched, fp = match_study(study, tolerance_mm)
+        fps.append(fp)
+        for lesion, n in zip(study.lesions, matched, strict=True):
+            hit = n is not None
+            size_group = f"lt_{small_mm:g}mm" if lesion["diameter_mm"] < small_mm else f"ge_{small_mm:g}mm"
+            for group in ("all", size_group, lesion["contrast"]):
+                groups[group].append(hit)
+            if hit:
+                finding = study.findings[n]
+                errors.append(float(np.linalg.norm(np.subtract(finding["center_mm"], lesion["center_mm"]))))
+                volume_errors.append(finding["volume_ml"] / lesion["volume_ml"] - 1.0)
+                diameter_errors.append(finding["diameter_mm"] - lesion["diameter_mm"])
+    dices = [s.dice for s in results if s.dice is not None]
+    lesion_free = [fp for s, fp in zip(results, fps, strict=True) if not s.lesions]
+
+    def stats(values: list[float]) -> dict[str, float | None]:
+        if not values:
+            return {"median": None, "p90": None, "max": None}
+        return {
+            "median": round(float(np.median(values)), 3),
+            "p90": round(float(np.percentile(values, 90)), 3),
+            "max": round(float(np.max(values)), 3),
+        }
+
+    return {
+        "tolerance_mm": tolerance_mm,
+        "lesions": {k: len(v) for k, v in groups.items()},
+        "sensitivity": {k: (round(sum(v) / len(v), 4) if v else None) for k, v in groups.items()},
+        "fp_per_study_mean": round(float(np.mean(fps)), 3) if fps else 0.0,
+        "fp_per_study_max": int(max(fps)) if fps else 0,
+        "studies_with_more_than_one_fp": int(sum(f > 1 for f in fps)),
+        "lesion_free_studies": len(lesion_free),
+        "lesion_free_studies_with_a_finding": int(sum(f > 0 for f in lesion_free)),
+        "dice_per_study": {
+            "studies": len(dices),
+            "mean": round(float(np.mean(dices)), 4) if dices else None,
+            "median": round(float(np.median(dices)), 4) if dices else None,
+            "min": round(float(np.min(dices)), 4) if dices else None,
+        },
+        "localisation_error_mm": stats(errors),
+        "abs_relative_volume_error": stats([abs(v) for v in volume_errors]),
+        "diameter_error_mm": {"median": round(float(np.median(diameter_errors)), 2) if diameter_errors else None},
+    }
+
+
+def tune_threshold(
+    results: dict[float, list[StudyResult]], settings: TrainSettings
+) -> tuple[float, list[dict[str, Any]]]:
+    """The threshold with the best sensitivity (then Dice) where no validation study exceeds the FP budget."""
+    curve = []
+    for threshold, studies in sorted(results.items()):
+        m = evaluate(studies, settings.hit_tolerance_mm, settings.small_lesion_mm)
+        curve.append(
+            {
+                "threshold": threshold,
+                "sensitivity": m["sensitivity"]["all"],
+                "dice_mean": m["dice_per_study"]["mean"],
+                "fp_per_study_mean": m["fp_per_study_mean"],
+                "fp_per_study_max": m["fp_per_study_max"],
+            }
+        )
+    feasible = [c for c in curve if c["fp_per_study_max"] <= settings.max_fp_per_study]
+    if not feasible:
+        logger.warning("no threshold keeps every validation study within %d FP", settings.max_fp_per_study)
+        feasible = [max(curve, key=lambda c: c["threshold"])]
+    best = max(feasible, key=lambda c: (c["sensitivity"] or 0.0, c["dice_mean"] or 0.0, -abs(c["threshold"] - 0.5)))
+    return float(best["threshold"]), curve
+
+
+def time_reading(config: ModelConfig, network: torch.nn.Module, seed: int, settings: TrainSettings) -> dict[str, Any]:
+    """Mean wall time of run_direct on typical 3-D T1 studies (after one warm-up read)."""
+    task = SegmentationTask(config, torch.device("cpu"))
+    rng = _rng(seed, "timing")
+    volumes = [
+        render_brain_mr(
+            draw_params(
+                rng,
+                None,
+                shape=settings.timing_shape,
+                pixel_spacing_mm=settings.timing_spacing_mm,
+                slice_spacing_mm=settings.timing_spacing_mm,
+            )
+        ).volume
+        for _ in range(settings.timing_studies)
+    ]
+    run_direct(task, network, volumes[0], batch_size=config.batching.max_batch_size)
+    times = []
+    for volume in volumes:
+        start = time.perf_counter()
+        run_direct(task, network, volume, batch_size=config.batching.max_batch_size)
+        times.append(time.perf_counter() - start)
+    return {
+        "shape": list(settings.timing_shape),
+        "spacing_mm": settings.timing_spacing_mm,
+        "seconds": [round(t, 2) for t in times],
+        "mean_s": round(float(np.mean(times)), 2),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def write_model_yaml(path: Path, score_threshold: float) -> ModelConfig:
+    data = json.loads(json.dumps(MODEL_YAML))
+    data["postprocessing"]["score_threshold"] = round(score_threshold, 2)
+    header = (
+        "# Written by models/brain_lesion_mr/train.py (edit the script, not this file): the probability threshold\n"
+        "# is tuned on validation phantoms so that no study has more than one false positive.\n"
+    )
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120))
+    return ModelConfig.from_yaml(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--out", type=Path, required=True, help="model version directory, e.g. models/brain_lesion_mr/1"
+    )
+    parser.add_argument("--iterations", type=int, default=TrainSettings.iterations)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-studies", type=int, default=20, help="held-out test phantoms")
+    parser.add_argument("--train-phantoms", type=int, default=TrainSettings.train_phantoms)
+    parser.add_argument("--val-studies", type=int, default=TrainSettings.val_phantoms)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    torch.set_num_threads(args.threads)
+    settings = dataclasses.replace(
+        TrainSettings(), iterations=args.iterations, train_phantoms=args.train_phantoms, val_phantoms=args.val_studies
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    config = write_model_yaml(args.out / "model.yaml", MODEL_YAML["postprocessing"]["score_threshold"])
+
+    t0 = time.perf_counter()
+    studies = build_training_set(config, args.seed, settings)
+    t_data = time.perf_counter() - t0
+    network = train(config, studies, settings, args.seed)
+    t_train = time.perf_counter() - t0 - t_data
+    del studies
+    torch.save({k: v.float() for k, v in network.state_dict().items()}, args.out / "model.pt")
+
+    t_eval = time.perf_counter()
+    val = read_studies(config, network, _rng(args.seed, "val"), settings.val_phantoms, settings.threshold_grid)
+    threshold, curve = tune_threshold(val, settings)
+    config = write_model_yaml(args.out / "model.yaml", threshold)
+    val_metrics = evaluate(val[threshold], settings.hit_tolerance_mm, settings.small_lesion_mm)
+    logger.info("validation at threshold %.2f: %s", threshold, json.dumps(val_metrics))
+    test = read_studies(config, network, _rng(args.seed, "test"), args.eval_studies, (threshold,))[threshold]
+    test_metrics = evaluate(test, settings.hit_tolerance_mm, settings.small_lesion_mm)
+    t_eval = time.perf_counter() - t_eval
+    timing = time_reading(config, network, args.seed, settings)
+    total_s = time.perf_counter() - t0
+    metrics = {
+        "date": datetime.date.today().isoformat(),
+        "command": (
+            f"python models/brain_lesion_mr/train.py --out {args.out} --iterations {args.iterations} "
+            f"--seed {args.seed} --eval-studies {args.eval_studies} --train-phantoms {args.train_phantoms} "
+            f"--val-studies {settings.val_phantoms}"
+        ),
+        "seed": args.seed,
+        "settings": dataclasses.asdict(settings),
+        "parameters": sum(p.numel() for p in network.parameters()),
+        "weights_bytes": (args.out / "model.pt").stat().st_size,
+        "score_threshold": threshold,
+        "validation": {"studies": len(val[threshold]), **val_metrics},
+        "validation_curve": curve,
+        "test": {
+            "studies": len(test),
+            "mean_read_s": round(float(np.mean([r.read_s for r in test])), 2),
+            "max_read_s": round(float(np.max([r.read_s for r in test])), 2),
+            **test_metrics,
+        },
+        "reading_time_typical": timing,
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+        },
+        "time_s": {
+            "data": round(t_data, 1),
+            "train": round(t_train, 1),
+            "evaluation": round(t_eval, 1),
+            "total": round(total_s, 1),
+        },
+    }
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (args.out / "MODEL_CARD.md").write_text(render_model_card(config, metrics))
+    logger.info("test: %s", json.dumps(metrics["test"]))
+    logger.info("reading time: %s", json.dumps(timing))
+    logger.info("done in %.0f s", total_s)
+    return 0
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
+def render_model_card(config: ModelConfig, m: dict[str, Any]) -> str:
+    """MODEL_CARD.md with this run's numbers."""
+    t, s, timing, val = m["test"], m["settings"], m["reading_time_typical"], m["validation"]
+    net = config.network.args
+    sens, n_les = t["sensitivity"], t["lesions"]
+    small = f"{s['small_lesion_mm']:g}mm"
+    err, vol = t["localisation_error_mm"], t["abs_relative_volume_error"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    d = t["dice_per_study"]
+    dice_row = f"{fmt(d['mean'])} (median {fmt(d['median'])}, min {fmt(d['min'])})"
+    contrast_row = f"{_pct(sens['bright'])} / {_pct(sens['dark'])}"
+    return f"""# brain_lesion_mr — model card
+
+Written by `models/brain_lesion_mr/train.py` on {m["date"]}; the numbers below are that run's.
+
+## Intended use
+
+Segmentation of focal brain lesions (5-40 mm, brighter or darker than the surrounding parenchyma) on T1-like
+brain MR, as the reference segmentation model of radserve: for research, demos, tests and benchmarks of the
+serving stack. **Trained and tested on synthetic phantoms only. Not a medical device; not for clinical use.**
+On real MR it has never been evaluated and must be assumed not to work.
+
+## Architecture
+
+MONAI `UNet` (`monai.networks.nets.UNet`, referenced directly from `model.yaml`): channels {net["channels"]},
+strides {net["strides"]}, {net["num_res_units"]} residual units per level, {net["norm"]} normalisation, PReLU;
+{net["out_channels"]} output channels (background, lesion) with a softmax. {m["parameters"]:,} parameters;
+`model.pt` is a float32 state dict of {m["weights_bytes"] / 1e6:.2f} MB.
+
+* Preprocessing: RAS orientation, {config.preprocessing.spacing_mm[0]:g} mm isotropic spacing (bilinear),
+  z-score normalisation over the non-zero voxels.
+* Inference: sliding-window patches of {list(config.inferer.roi_size)} voxels, overlap {config.inferer.overlap},
+  padded with the image minimum; patch probabilities blended with a Gaussian importance map (MONAI
+  `compute_importance_map`, sigma 0.125 of the ROI); the probability map is interpolated (trilinear) at the
+  input volume's voxel centers and thresholded at {config.postprocessing.score_threshold}; 26-connected
+  components under {config.postprocessing.min_volume_ml:g} ml dropped; at most
+  {config.postprocessing.max_detections} components.
+* Output: one `Finding(label="lesion")` per component — centroid and voxel-edge bounding box in LPS mm,
+  longest extent as `diameter_mm`, `volume_ml`, mean probability as `score` — and the mask on the input
+  grid (`prepared.context.masks["lesion"]`) for DICOM SEG.
+
+## Training data
+
+`inference.phantoms.brain_mr`: T1-like head MR in arbitrary units (0-1100): nested ellipsoids for scalp
+(650-850), skull (40-110), CSF (100-200), cortical grey matter (0.62-0.72 x white matter) and white matter
+(600-720), two CSF ventricles; lesions are spheres or lobulated unions of balls, 5-40 mm (log-uniform),
+bright (1.25-1.6 x white matter) or dark (0.5-0.8 x grey matter), with partial-volume edges, anywhere in the
+brain; a smooth multiplicative bias field (5-20 %) and Rician noise (sigma 1.5-4 % of white matter); pixel
+spacing 0.8-1.5 mm, slice spacing 1-5 mm, 200-250 mm field of view, 90-170 mm coverage, axial orientations
+with random flips. {s["train_phantoms"]} training phantoms with 1-{s["max_lesions_per_training_phantom"]}
+lesions asked for each. Target: the analytic lesions evaluated at the preprocessed grid's voxel centers.
+
+## Training
+
+MONAI `DiceCELoss` (softmax; Dice of the lesion channel over the batch, plus cross-entropy).
+{s["iterations"]} iterations of {s["batch_size"]} random {"x".join(map(str, s["crop_voxels"]))} crops
+({s["positive_fraction"]:.0%} holding a voxel of a lesion drawn uniformly, so small lesions are seen as often
+as large ones; {s["head_fraction"]:.0%} centered anywhere in the head, the hard negatives; the rest anywhere;
+random flips, intensity jitter); Adam, lr {s["learning_rate"]:g} with
+warm-up and cosine decay. Training took {m["time_s"]["train"] / 60:.1f} min (data {m["time_s"]["data"] / 60:.1f}
+min) on the machine below; the whole script, evaluation included, {m["time_s"]["total"] / 60:.1f} min.
+
+The probability threshold {m["score_threshold"]} was chosen on {val["studies"]} validation phantoms (own seed)
+among {s["threshold_grid"][0]}-{s["threshold_grid"][-1]}: the best lesion sensitivity (then Dice) where no
+validation study has more than {s["max_fp_per_study"]} false positive. There: sensitivity
+{_pct(val["sensitivity"]["all"])}, Dice {fmt(val["dice_per_study"]["mean"])}, {val["fp_per_study_mean"]:.2f} FP
+per study (max {val["fp_per_study_max"]}).
+
+## Held-out test metrics
+
+{t["studies"]} test phantoms from their own seed with the generator's full ranges (0-3 lesions each), read
+with `run_direct` (the service's prepare / batched forward / split / finalize). A finding is a hit when its
+center is within {t["tolerance_mm"]:g} mm of a planted lesion's centroid (one finding per lesion, by
+decreasing score); every other finding is a false positive. Dice is computed on the input grid against the
+voxels whose center lies in a planted lesion, per study with at least one lesion.
+
+| metric | value |
+|---|---|
+| Dice per study, mean ({d["studies"]} studies) | {dice_row} |
+| sensitivity, all lesions ({n_les["all"]}) | {_pct(sens["all"])} |
+| sensitivity, lesions < {small} ({n_les["lt_" + small]}) | {_pct(sens["lt_" + small])} |
+| sensitivity, lesions >= {small} ({n_les["ge_" + small]}) | {_pct(sens["ge_" + small])} |
+| sensitivity, bright / dark lesions ({n_les["bright"]} / {n_les["dark"]}) | {contrast_row} |
+| false positives per study, mean / max | {t["fp_per_study_mean"]:.2f} / {t["fp_per_study_max"]} |
+| studies with more than one false positive | {t["studies_with_more_than_one_fp"]} |
+| lesion-free studies with a finding | {t["lesion_free_studies_with_a_finding"]} of {t["lesion_free_studies"]} |
+
+Localisation error of the hits: median {fmt(err["median"])} mm, 90th percentile {fmt(err["p90"])} mm, max
+{fmt(err["max"])} mm. Absolute relative volume error of the hits: median {fmt(vol["median"])}, 90th percentile
+{fmt(vol["p90"])}. Mean reading time of the test studies {t["mean_read_s"]} s (max {t["max_read_s"]} s).
+
+## Reading time
+
+A {"x".join(map(str, timing["shape"]))} study at {timing["spacing_mm"]:g} mm (a 3-D T1), `run_direct` with
+batches of {config.batching.max_batch_size}, {timing["torch_threads"]} torch threads: **{timing["mean_s"]} s**
+mean over {len(timing["seconds"])} studies ({timing["seconds"]} s), on {m["machine"]["cores"]} CPU cores
+({m["machine"]["cpu"]}, torch {m["machine"]["torch"]}), shared with other work.
+
+## Reproduce
+
+```
+{m["command"]}
+```
+
+Seeded (phantoms, crops, initialisation): the same command on the same machine and thread count writes the
+same `model.pt`. `metrics.json` holds every number above and the settings.
+
+## Limitations
+
+* Synthetic data only: ellipsoidal anatomy, no gyri, sulci, vessels, skull base or motion; one T1-like
+  contrast. Expect false positives and misses on anything else.
+* At {config.preprocessing.spacing_mm[0]:g} mm the smallest lesions are 2-3 voxels across, and on 5 mm slices
+  they show on one or two slices with partial volume: they are found less reliably than large ones.
+* `diameter_mm` is the longest extent of the voxelised mask (edge to edge), `volume_ml` its voxel count; both
+  inherit the mask's errors.
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
