@@ -55,8 +55,13 @@ proto: venv  ## regenerate inference/api/gen from proto/ (tests/api/test_stubs.p
 demo: venv  ## read a synthetic chest CT through a running server (start one with `make serve`)
 	$(VENV)/bin/radserve demo --server $(HOST):$(PORT)
 
-train: venv  ## retrain the bundled lung nodule detector (CPU: about 25 minutes)
-	$(PY) models/lung_nodule_ct/train.py --out models/lung_nodule_ct/1
+bench: venv  ## the quick CPU benchmark (< 5 min on 2 cores): real server vs direct and naive; JSON in runs/bench/
+	$(PY) -m benchmarks.run --profile quick --device cpu --out runs/bench
+
+MODELS_TRAINED ?= lung_nodule_ct brain_lesion_mr chest_xray
+MODEL ?= $(MODELS_TRAINED)
+train: venv  ## retrain the bundled models from their seeded scripts (MODEL=name for one)
+	for m in $(MODEL); do $(PY) models/$$m/train.py --out models/$$m/1 || exit 1; done
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info

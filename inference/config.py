@@ -98,9 +98,10 @@ class ServerConfig:
     insecure: bool = False
     # YAML file of per-tenant bearer tokens (``tenant: token``); empty: no token authentication.
     auth_tokens: str = ""
-    # Zero-copy ingest (README "Ingest"): folders under which a read's header may name files for the server to
-    # read itself (resolved, symlinks included; empty = disabled), and whether it may name a POSIX shared-memory
-    # segment. Environment: RADSERVE_INGEST_ROOTS=/a:/b (os.pathsep-separated), RADSERVE_INGEST_SHARED_MEMORY=1.
+    # Zero-copy ingest (docs/decisions.md, "Zero-copy ingest"): folders under which a read's header may name files
+    # for the server to read itself (resolved, symlinks included; empty = disabled), and whether it may name a POSIX
+    # shared-memory segment. Environment: RADSERVE_INGEST_ROOTS=/a:/b (os.pathsep-separated),
+    # RADSERVE_INGEST_SHARED_MEMORY=1.
     ingest_roots: tuple[Path, ...] = ()
     ingest_shared_memory: bool = False
     # torch.compile every model's network (CUDA only; warmed up before health turns SERVING). model.yaml

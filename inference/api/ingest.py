@@ -1,6 +1,6 @@
 """Zero-copy ingest: a read whose header references its payload instead of streaming it.
 
-A gateway on the same host as the server can skip gRPC streaming (README "Ingest"):
+A gateway on the same host as the server can skip gRPC streaming (docs/decisions.md, "Zero-copy ingest"):
 
 * ``header.shared_memory``: a POSIX shared-memory segment (Python ``multiprocessing.shared_memory``) holding the
   payload bytes: a RAW array described by ``header.raw``, or a NIfTI file. The server maps it read-only for the

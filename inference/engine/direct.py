@@ -6,6 +6,8 @@ minus the queueing, so findings match what the service returns for the same weig
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from inference.engine.task import Task
@@ -13,7 +15,7 @@ from inference.io.volume import Volume
 from inference.platform import autocast_dtype
 from inference.postprocess.finding import Finding
 
-__all__ = ["load_network", "run_direct"]
+__all__ = ["forward_items", "load_network", "run_direct"]
 
 
 def load_network(task: Task) -> torch.nn.Module:
@@ -24,21 +26,27 @@ def load_network(task: Task) -> torch.nn.Module:
     return network.to(task.device).eval()
 
 
-def run_direct(task: Task, network: torch.nn.Module, volume: Volume, batch_size: int = 4) -> list[Finding]:
-    """Read one study: prepare, forward the items in batches of ``batch_size``, split, finalize."""
+def forward_items(task: Task, network: torch.nn.Module, items: list[torch.Tensor], batch_size: int = 4) -> list[Any]:
+    """Forward ``items`` in batches of ``batch_size`` (autocast as the backend does) and split the outputs."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = task.device
     dtype = autocast_dtype(device, task.config.autocast)
-    prepared = task.prepare(volume)
-    results = []
+    results: list[Any] = []
     with torch.inference_mode():
-        for start in range(0, len(prepared.items), batch_size):
-            batch = torch.stack(prepared.items[start : start + batch_size]).to(device)
+        for start in range(0, len(items), batch_size):
+            batch = torch.stack(items[start : start + batch_size]).to(device)
             if dtype is None:
                 outputs = network(batch)
             else:
                 with torch.autocast(device_type=device.type, dtype=dtype):
                     outputs = network(batch)
             results.extend(task.split_outputs(outputs, batch.shape[0]))
+    return results
+
+
+def run_direct(task: Task, network: torch.nn.Module, volume: Volume, batch_size: int = 4) -> list[Finding]:
+    """Read one study: prepare, forward the items in batches of ``batch_size``, split, finalize."""
+    prepared = task.prepare(volume)
+    results = forward_items(task, network, prepared.items, batch_size)
     return task.finalize(volume, prepared, results)

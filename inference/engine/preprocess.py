@@ -3,6 +3,12 @@
 MONAI's spatial transforms work in RAS world coordinates (its MetaTensor convention), so a Volume's
 LPS affine is flipped to RAS on the way in and the output affine flipped back on the way out. Those are
 the only two places where RAS appears; everything radserve reports is LPS.
+
+Orientation and Spacing are applied lazily (MONAI's lazy resampling) and fused into one resampling from the
+input, computed in float32: no reoriented copy of the whole input and no float64 copy of it (MONAI's default
+``dtype``), which took 2x and 4x the input's float32 bytes of memory and most of the time on a 512x512x300 CT
+(docs/decisions.md, "Preprocessing memory"). On CUDA the voxels go through pinned memory and the work runs on the
+calling thread's own stream (:func:`inference.backends.torch.device_work`), overlapping the forward passes.
 """
 
 from __future__ import annotations
@@ -13,9 +19,13 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import NormalizeIntensity, Orientation, ScaleIntensityRange, Spacing
+from monai.transforms.lazy.functional import apply_pending
 
+from inference.backends.torch import device_work
 from inference.io.volume import LPS_TO_RAS, Volume
 from inference.modelrepo.schema import PreprocessConfig
+
+_RESAMPLE = {"mode": "bilinear", "padding_mode": "border", "dtype": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -27,14 +37,19 @@ class Preprocessed:
 
 
 def preprocess(volume: Volume, cfg: PreprocessConfig, device: torch.device | str = "cpu") -> Preprocessed:
-    """Reorient to RAS axes, resample to ``cfg.spacing_mm`` and normalise intensities."""
-    voxels = torch.as_tensor(np.ascontiguousarray(volume.voxels), dtype=torch.float32).to(device)
-    image = MetaTensor(voxels[None], affine=torch.as_tensor(LPS_TO_RAS @ volume.affine, dtype=torch.float64))
-    image = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(image)
-    image = Spacing(pixdim=cfg.spacing_mm, mode="bilinear", padding_mode="border")(image)
-    if cfg.normalize == "zscore":
-        image = NormalizeIntensity(nonzero=True)(image)
-    else:
-        image = ScaleIntensityRange(cfg.a_min, cfg.a_max, cfg.b_min, cfg.b_max, clip=cfg.clip)(image)
-    affine_lps = LPS_TO_RAS @ np.asarray(image.affine.cpu(), dtype=np.float64)
-    return Preprocessed(image=image.as_tensor().float().contiguous(), affine=affine_lps)
+    """Reorient to RAS axes, resample to ``cfg.spacing_mm`` (one fused resampling) and normalise intensities."""
+    with device_work(device) as work:
+        voxels = work.to_device(volume.voxels)
+        image = MetaTensor(voxels[None], affine=torch.as_tensor(LPS_TO_RAS @ volume.affine, dtype=torch.float64))
+        image = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), lazy=True)(image)
+        image = Spacing(pixdim=cfg.spacing_mm, lazy=True, **_RESAMPLE)(image)
+        image = apply_pending(image, overrides=_RESAMPLE)[0]
+        del voxels
+        if cfg.normalize == "zscore":
+            image = NormalizeIntensity(nonzero=True)(image)
+        else:
+            image = ScaleIntensityRange(cfg.a_min, cfg.a_max, cfg.b_min, cfg.b_max, clip=cfg.clip)(image)
+        affine_lps = LPS_TO_RAS @ np.asarray(image.affine.cpu(), dtype=np.float64)
+        out = image.as_tensor().float().contiguous()
+        work.hand_off(out)
+    return Preprocessed(image=out, affine=affine_lps)

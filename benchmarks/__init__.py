@@ -1,0 +1,1 @@
+"""radserve benchmarks: a gRPC load generator, in-process baselines and the benchmark runs (see README.md here)."""

@@ -1,0 +1,478 @@
+"""The benchmark runs: ``make bench`` (``--profile quick``, CPU), the GPU benchmark (``--profile gpu``) and a
+smoke profile (``--profile tiny``, seconds; tests/benchmarks/test_bench_smoke.py).
+
+One run: materialize the profile's studies (benchmarks/workloads.py; cached under ``--out``/cache), start the real
+server on a free port, drive it with the load generator at each workload's concurrencies, measure ingest
+(streamed, shared memory, file) and memory per in-flight study on a 512x512x300 int16 CT, stop the server, then run
+the ``direct`` and ``naive`` baselines in this process on the same studies and device. Prints a table with the
+lines ``service/direct: <ratio>`` and ``batching x8/x1 (chest_xray): <ratio>``; writes ``<out>/<profile>.json``
+and ``<out>/<profile>.md``. A model whose weights are missing is skipped with a note, not failed.
+
+    python -m benchmarks.run --profile quick                  # what `make bench` runs
+    python -m benchmarks.run --profile gpu --out "$OUT"       # benchmarks/gpu_run.sh
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import ingest as ingest_bench
+from benchmarks.baselines import (
+    check_direct_matches_run_direct,
+    load_task,
+    run_direct_baseline,
+    run_naive_baseline,
+)
+from benchmarks.loadgen import format_row, run_load
+from benchmarks.workloads import PROFILES, Workload, materialize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Targets (the "Performance" issue): printed as PASS / MISS next to each figure. Not asserted anywhere.
+TARGETS = {
+    "cpu": {"service_over_direct": 0.85, "batching_x8_over_x1": 1.5},
+    "cuda": {"service_over_direct": 0.90, "service_over_naive": 5.0, "xray_images_per_s": 1000.0},
+    "memory_over_raw": 3.0,
+    "stream_gb_per_s": 0.3,
+    "zero_copy_gb_per_s": 1.0,
+}
+INGEST = {  # per profile: (study shape, repeats, streamed chunk sizes in MiB); tiny: no warm-up read
+    "tiny": ((64, 64, 32), 1, (4,)),
+    "quick": ((512, 512, 300), 2, (1, 4)),
+    "gpu": ((512, 512, 300), 3, (1, 4)),
+}
+MEMORY_CONCURRENCY = {"tiny": (2,), "quick": (1, 4), "gpu": (1, 8)}
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        import monai
+
+        info["monai"] = monai.__version__
+    except ImportError:
+        pass
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if out.returncode == 0:
+            info["gpu"] = out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return info
+
+
+def available_models(models: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """Newest loadable version directory per model name, and why the others cannot load."""
+    from inference.modelrepo.repository import scan_repository, version_key
+
+    scan = scan_repository(models)
+    found: dict[str, Path] = {}
+    for config in sorted(scan.configs, key=lambda c: version_key(c.version)):
+        found[config.name] = config.directory  # type: ignore[assignment]
+    missing = {key.split(":")[0]: reason for key, reason in scan.failures.items() if key.split(":")[0] not in found}
+    return found, missing
+
+
+def _cycle(items: list[Any], n: int) -> list[Any]:
+    return [items[i % len(items)] for i in range(n)] if items else []
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from inference.platform import select_device
+    from inference.serverproc import ServerProcess
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    cache = out / "cache"
+    started = time.time()
+    device = select_device(args.device)
+    report: dict[str, Any] = {
+        "profile": args.profile,
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "commit": commit(),
+        "device": str(device),
+        "machine": machine(),
+        "load_avg_before": [round(v, 2) for v in os.getloadavg()],
+        "workloads": {},
+        "notes": [],
+    }
+    models, missing = available_models(args.models)
+    workloads: list[Workload] = []
+    for workload in PROFILES[args.profile]:
+        if args.only and workload.name not in args.only:
+            continue
+        if workload.model not in models:
+            reason = missing.get(workload.model, "not in the model repository")
+            note = f"{workload.name}: skipped, model {workload.model} cannot load ({reason})"
+            report["notes"].append(note)
+            log(note)
+            continue
+        workloads.append(workload)
+
+    studies: dict[str, list[Any]] = {}
+    for workload in workloads:
+        log(f"materializing {workload.name} ({len(workload.specs)} studies {workload.size_label})")
+        studies[workload.name] = [materialize(spec, cache) for spec in workload.specs]
+
+    env = {"RADSERVE_INGEST_SHARED_MEMORY": "1"}
+    if args.io_threads:
+        env["RADSERVE_IO_THREADS"] = str(args.io_threads)
+    extra = ["--compile"] if args.compile else []
+    with tempfile.TemporaryDirectory(prefix="radserve-bench-") as ingest_root:
+        env["RADSERVE_INGEST_ROOTS"] = ingest_root
+        log(f"starting the server on {device} ({args.models})")
+        server = ServerProcess(
+            models=args.models, device=args.device, env=env, log_path=out / "server.log", extra_args=extra
+        ).start(timeout_s=900)
+        pid = server.process.pid  # type: ignore[union-attr]
+        try:
+            # Per workload, direct, then the service rows, then naive, close together in time: on a shared
+            # machine the load changes from minute to minute (each row records the load average it ran under).
+            for workload in workloads:
+                entry = report["workloads"][workload.name] = _describe(workload, studies[workload.name])
+                task, network = load_task(models[workload.model], device)
+                chosen = studies[workload.name]
+                if workload.baseline_studies:
+                    log(f"direct: {workload.name}, {workload.baseline_studies} studies")
+                    load = round(os.getloadavg()[0], 2)
+                    entry["direct"] = run_direct_baseline(
+                        task, network, _cycle(chosen, workload.baseline_studies)
+                    ).summary() | {"load_avg_1m_start": load}
+                    entry["direct"]["max_center_diff_vs_run_direct_mm"] = check_direct_matches_run_direct(
+                        task, network, chosen[0]
+                    )
+                entry["service"] = []
+                for concurrency in workload.concurrency:
+                    result = run_load(
+                        server.target,
+                        chosen,
+                        concurrency=concurrency,
+                        count=max(workload.reads, concurrency),
+                        warmup_reads=workload.warmup_reads,
+                        server_pid=pid,
+                        label=workload.name,
+                        keep_findings=False,
+                    )
+                    entry["service"].append(result.summary())
+                    log(format_row(entry["service"][-1]))
+                if workload.naive_studies and not args.no_naive:
+                    log(f"naive: {workload.name}, {workload.naive_studies} studies")
+                    load = round(os.getloadavg()[0], 2)
+                    entry["naive"] = run_naive_baseline(
+                        task, network, _cycle(chosen, workload.naive_studies)
+                    ).summary() | {"load_avg_1m_start": load}
+                del task, network
+            if "lung_nodule_ct" in models and not args.no_ingest:
+                shape, repeats, chunks = INGEST[args.profile]
+                log(f"ingest: {'x'.join(map(str, shape))} int16, streamed / shared memory / file")
+                report["ingest"] = ingest_bench.run_ingest(
+                    server.target,
+                    Path(ingest_root),
+                    shape=shape,
+                    repeats=repeats,
+                    chunk_mib=chunks,
+                    warmup=args.profile != "tiny",
+                )
+                levels = MEMORY_CONCURRENCY[args.profile]
+                log(f"memory: {'x'.join(map(str, shape))} int16 streamed at concurrency {levels}")
+                report["memory"] = [
+                    ingest_bench.memory_run(server.target, pid, shape=shape, concurrency=c, count=max(2, c))
+                    for c in levels
+                ]
+        finally:
+            code = server.stop()
+            if code:
+                report["notes"].append(f"server exited with code {code}; see {out / 'server.log'}")
+            for group in studies.values():
+                for study in group:
+                    study.close()
+
+    if device.type == "cuda" and not args.no_compile_check:
+        from benchmarks.compile_check import compile_check
+
+        log("torch.compile check: eager vs compiled forward passes")
+        report["compile"] = compile_check(args.models, device)
+    report["load_avg_after"] = [round(v, 2) for v in os.getloadavg()]
+    report["wall_s"] = round(time.time() - started, 1)
+    report["summary"] = summarize(report)
+    return report
+
+
+def _describe(workload: Workload, studies: list[Any]) -> dict[str, Any]:
+    spec = workload.specs[0]
+    return {
+        "model": workload.model,
+        "modality": workload.modality,
+        "input": f"{spec.modality} {spec.size_label} {'16-bit ' if spec.modality != 'CT' else ''}"
+        f"{spec.payload.upper()}, spacing {'/'.join(map(str, spec.spacing_mm))} mm",
+        "studies": len(studies),
+        "payload_mb": round(sum(s.payload_bytes for s in studies) / len(studies) / 1e6, 2),
+        "images_per_study": spec.n_images,
+        "direct_from": workload.direct_from,
+    }
+
+
+def _best_service(entry: dict[str, Any], concurrency: int | None = None) -> dict[str, Any] | None:
+    rows = [r for r in entry.get("service", []) if concurrency is None or r["concurrency"] == concurrency]
+    return max(rows, key=lambda r: r["studies_per_s"] or 0.0) if rows else None
+
+
+def summarize(report: dict[str, Any]) -> dict[str, Any]:
+    """The headline ratios, with the workload each comes from and PASS / MISS against the targets."""
+    kind = "cuda" if report["device"].startswith("cuda") else "cpu"
+    targets = TARGETS[kind]
+    summary: dict[str, Any] = {}
+    ratios = []
+    for name, entry in report["workloads"].items():
+        source = report["workloads"].get(entry.get("direct_from") or name, {})
+        service = _best_service(entry, 8) or _best_service(entry)
+        if "direct" not in source or service is None:
+            continue
+        ratio = service["studies_per_s"] / source["direct"]["studies_per_s"]
+        item = {
+            "workload": name,
+            "concurrency": service["concurrency"],
+            "ratio": round(ratio, 3),
+            "target": targets["service_over_direct"],
+            "pass": ratio >= targets["service_over_direct"],
+        }
+        if "naive" in source:
+            item["over_naive"] = round(service["studies_per_s"] / source["naive"]["studies_per_s"], 2)
+        ratios.append(item)
+    summary["service_over_direct_by_workload"] = ratios
+    ct = [r for r in ratios if report["workloads"][r["workload"]]["modality"] == "CT"]
+    if ct:  # the headline: the first CT workload of the profile (DICOM, the archive's path)
+        summary["service_over_direct"] = ct[0]
+        if "over_naive" in ct[0]:
+            ratio = ct[0]["over_naive"]
+            summary["service_over_naive"] = {"workload": ct[0]["workload"], "ratio": ratio}
+            if "service_over_naive" in targets:
+                summary["service_over_naive"] |= {
+                    "target": targets["service_over_naive"],
+                    "pass": ratio >= targets["service_over_naive"],
+                }
+    dx = [name for name, e in report["workloads"].items() if e["model"] == "chest_xray"]
+    if dx:
+        name = dx[0]  # the smallest X-ray size comes first in every profile
+        entry = report["workloads"][name]
+        one, eight = _best_service(entry, 1), _best_service(entry, 8)
+        if one and eight:
+            ratio = eight["images_per_s"] / one["images_per_s"]
+            target = TARGETS["cpu"]["batching_x8_over_x1"]
+            summary["batching_x8_over_x1"] = {
+                "workload": name,
+                "ratio": round(ratio, 3),
+                "target": target,
+                "pass": ratio >= target,
+            }
+        if kind == "cuda":
+            best = max(
+                (_best_service(e) for e in report["workloads"].values() if e["model"] == "chest_xray"),
+                key=lambda r: r["images_per_s"],
+            )
+            name = next(n for n, e in report["workloads"].items() if best in e.get("service", []))
+            summary["xray_images_per_s"] = {
+                "workload": name,
+                "concurrency": best["concurrency"],
+                "images_per_s": best["images_per_s"],
+                "target": targets["xray_images_per_s"],
+                "pass": best["images_per_s"] >= targets["xray_images_per_s"],
+            }
+    else:
+        summary["batching_x8_over_x1"] = {"skipped": "; ".join(n for n in report["notes"] if "chest_xray" in n)}
+    if "memory" in report:
+        worst = max(report["memory"], key=lambda m: m["peak_per_in_flight_over_raw"])
+        summary["memory_over_raw"] = {
+            "per_concurrency": {m["concurrency"]: m["peak_per_in_flight_over_raw"] for m in report["memory"]},
+            "worst": worst["peak_per_in_flight_over_raw"],
+            "target": TARGETS["memory_over_raw"],
+            "pass": worst["peak_per_in_flight_over_raw"] <= TARGETS["memory_over_raw"],
+        }
+    if "ingest" in report:
+        paths = report["ingest"]["paths"]
+        streamed = max((v["gb_per_s"] for k, v in paths.items() if k.startswith("stream")), default=0.0)
+        zero_copy = max((paths[k]["gb_per_s"] for k in ("shm", "file") if k in paths), default=0.0)
+        summary["ingest_stream_gb_per_s"] = {
+            "value": streamed,
+            "target": TARGETS["stream_gb_per_s"],
+            "pass": streamed >= TARGETS["stream_gb_per_s"],
+        }
+        summary["ingest_zero_copy_gb_per_s"] = {
+            "value": zero_copy,
+            "target": TARGETS["zero_copy_gb_per_s"],
+            "pass": zero_copy >= TARGETS["zero_copy_gb_per_s"],
+        }
+    return summary
+
+
+def _verdict(item: dict[str, Any]) -> str:
+    if "pass" not in item:
+        return ""
+    return "PASS" if item["pass"] else "MISS"
+
+
+def table(report: dict[str, Any]) -> str:
+    """The printed table (also the body of <profile>.md)."""
+    m = report["machine"]
+    lines = [
+        f"radserve benchmark, profile {report['profile']}: {report['device']}, {m['cpus']} CPUs"
+        + (f", GPU {m['gpu']}" if "gpu" in m else "")
+        + f"; load average {report['load_avg_before'][0]} before, {report.get('load_avg_after', ['?'])[0]} after;"
+        f" commit {report['commit']}; {report['date']}",
+        "",
+        "| workload | input | path | concurrency | studies/s | images/s | p50 ms | p95 ms | p99 ms | CPU s/study"
+        " | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in report["workloads"].items():
+        rows = [("direct", entry["direct"])] if "direct" in entry else []
+        rows += [("service", row) for row in entry.get("service", [])]
+        rows += [("naive", entry["naive"])] if "naive" in entry else []
+        for path, row in rows:
+            lat = row["latency_ms"]
+            cpu = row.get("cpu") or {}
+            errors = f" ({row['errors']} errors)" if row.get("errors") else ""
+            tail = f"{lat['p95']:.0f} | {lat['p99']:.0f}" if path == "service" else " | "
+            load = cpu.get("load_avg_1m_start", row.get("load_avg_1m_start", ""))
+            per_study = cpu.get("cpu_s_per_study")
+            lines.append(
+                f"| {name} | {entry['input']} | {path}{errors} | {row.get('concurrency', 1)} "
+                f"| {row['studies_per_s']:.3f} | {row['images_per_s']:.1f} | {lat['p50']:.0f} | {tail} "
+                f"| {'' if per_study is None else f'{per_study:.2f}'} | {load} |"
+            )
+    lines += [
+        "",
+        "CPU s/study: CPU time per study of the server and the load generator together (service), of the benchmark "
+        "process (direct, naive). load: the 1-minute load average when the row started.",
+        "",
+    ]
+    stage_rows = []
+    for name, entry in report["workloads"].items():
+        for row in entry.get("service", []):
+            stages = ", ".join(f"{k} {v:.0f}" for k, v in row["stages_ms"].items())
+            stage_rows.append(f"- {name} c={row['concurrency']}: {stages}")
+    if stage_rows:
+        lines += ["Server stages (mean ms per read, from the server's timing_ms):", "", *stage_rows, ""]
+    s = report["summary"]
+    if "service_over_direct" in s:
+        item = s["service_over_direct"]
+        lines.append(f"service/direct: {item['ratio']:.2f}")
+        lines.append(
+            f"  ({item['workload']}, service at concurrency {item['concurrency']} vs direct; "
+            f"target >= {item['target']}: {_verdict(item)})"
+        )
+    for item in s.get("service_over_direct_by_workload", []):
+        if item is not s.get("service_over_direct"):
+            lines.append(
+                f"  service/direct ({item['workload']}, concurrency {item['concurrency']}): {item['ratio']:.2f} "
+                f"(target >= {item['target']}: {_verdict(item)})"
+            )
+    if "service_over_naive" in s:
+        item = s["service_over_naive"]
+        target = f"; target >= {item['target']}: {_verdict(item)}" if "target" in item else ""
+        lines.append(f"service/naive: {item['ratio']:.2f}  ({item['workload']}{target})")
+    item = s.get("batching_x8_over_x1", {})
+    if "ratio" in item:
+        lines.append(f"batching x8/x1 (chest_xray): {item['ratio']:.2f}")
+        lines.append(
+            f"  ({item['workload']} images/s, concurrency 8 vs 1; target >= {item['target']}: {_verdict(item)})"
+        )
+    elif "skipped" in item:
+        lines.append(f"batching x8/x1 (chest_xray): skipped ({item['skipped'] or 'no X-ray workload'})")
+    if "xray_images_per_s" in s:
+        item = s["xray_images_per_s"]
+        lines.append(
+            f"chest_xray images/s over gRPC: {item['images_per_s']:.0f} ({item['workload']}, concurrency "
+            f"{item['concurrency']}; target >= {item['target']:.0f}: {_verdict(item)})"
+        )
+    if "memory" in report:
+        item = s["memory_over_raw"]
+        per = ", ".join(f"concurrency {c}: {v:.2f}x" for c, v in item["per_concurrency"].items())
+        size = "x".join(map(str, report["ingest"]["study"]["shape"]))
+        lines.append(
+            f"memory per in-flight study: {per} its raw voxel bytes ({size} int16 streamed; "
+            f"target <= {item['target']}x: {_verdict(item)})"
+        )
+    if "ingest" in report:
+        study = report["ingest"]["study"]
+        size = "x".join(map(str, study["shape"]))
+        paths = ", ".join(f"{k} {v['gb_per_s']:.2f}" for k, v in report["ingest"]["paths"].items())
+        lines.append(f"ingest GB/s (server receive+decode, {size} int16): {paths}")
+        lines.append(
+            f"  (streamed target >= {TARGETS['stream_gb_per_s']}: {_verdict(s['ingest_stream_gb_per_s'])}; "
+            f"zero-copy target >= {TARGETS['zero_copy_gb_per_s']}: {_verdict(s['ingest_zero_copy_gb_per_s'])})"
+        )
+    for name, item in (report.get("compile") or {}).items():
+        if "error" in item:
+            lines.append(f"torch.compile ({name}): failed: {item['error']}")
+        else:
+            lines.append(
+                f"torch.compile ({name}, batch {item['batch_size']}, {item['autocast']}): "
+                f"{item['compiled_batches_per_s']:.1f} vs {item['eager_batches_per_s']:.1f} batches/s eager "
+                f"(x{item['speedup']:.2f}), compiled in {item['compile_s']:.0f} s"
+            )
+    lines += [f"note: {n}" for n in report["notes"]]
+    lines.append(f"wall time {report['wall_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--models", type=Path, default=ROOT / "models")
+    parser.add_argument("--device", default="cpu", help="auto|cpu|cuda, for the server and the baselines")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench", help="results folder (gitignored)")
+    parser.add_argument("--io-threads", type=int, default=0, help="server io_threads (default: its own)")
+    parser.add_argument("--compile", action="store_true", help="serve with torch.compile (CUDA)")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these workloads")
+    parser.add_argument("--no-naive", action="store_true")
+    parser.add_argument("--no-ingest", action="store_true")
+    parser.add_argument("--no-compile-check", action="store_true", help="skip the torch.compile check (CUDA)")
+    args = parser.parse_args(argv)
+    report = run(args)
+    text = table(report)
+    print(text)
+    (args.out / f"{args.profile}.json").write_text(json.dumps(report, indent=2))
+    (args.out / f"{args.profile}.md").write_text(text + "\n")
+    log(f"wrote {args.out / (args.profile + '.json')} and {args.out / (args.profile + '.md')}")
+    errors = sum(sum(r["errors"].values()) for e in report["workloads"].values() for r in e.get("service", []))
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
