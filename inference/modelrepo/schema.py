@@ -107,6 +107,10 @@ class PostprocessConfig:
     max_detections: int = 20
     # Segmentation: connected components smaller than this are dropped.
     min_volume_ml: float = 0.0
+    # Detection: how the overlapping boxes (IoU > nms_iou) of one object become one finding. "nms" keeps the
+    # best-scoring box; "fusion" keeps its score with the score-weighted mean of the group's boxes (box
+    # voting), which localises better when many anchors fire on one object.
+    box_merge: str = "nms"  # nms | fusion
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.score_threshold <= 1.0:
@@ -117,6 +121,8 @@ class PostprocessConfig:
             raise ValueError(f"postprocessing.nms_iou must be in (0, 1], got {self.nms_iou!r}")
         if self.max_detections < 1:
             raise ValueError(f"postprocessing.max_detections must be >= 1, got {self.max_detections!r}")
+        if self.box_merge not in ("nms", "fusion"):
+            raise ValueError(f"postprocessing.box_merge must be 'nms' or 'fusion', got {self.box_merge!r}")
 
 
 @dataclass(frozen=True)
