@@ -86,28 +86,41 @@ def load_task(model_dir: Any, device: torch.device) -> tuple[Task, torch.nn.Modu
 # -- direct -----------------------------------------------------------------------------------------------------
 
 
-def run_direct_baseline(task: Task, network: torch.nn.Module, studies: Sequence[Any], *, warmup: bool = True) -> Any:
-    """``studies``: :class:`benchmarks.workloads.Study` objects. Returns a :class:`BaselineResult`."""
-    return in_worker_thread(_run_direct_baseline, task, network, studies, warmup=warmup)
+def run_direct_baseline(
+    task: Task, network: torch.nn.Module, studies: Sequence[Any], *, warmup: bool = True, passes: int = 2
+) -> Any:
+    """``studies``: :class:`benchmarks.workloads.Study` objects. Returns a :class:`BaselineResult`: the fastest of
+    ``passes`` passes over the studies (a ceiling should not be lowered by a noisy moment; all passes are listed)."""
+    return in_worker_thread(_run_direct_baseline, task, network, studies, warmup=warmup, passes=passes)
 
 
-def _run_direct_baseline(task: Task, network: torch.nn.Module, studies: Sequence[Any], *, warmup: bool) -> Any:
+def _run_direct_baseline(
+    task: Task, network: torch.nn.Module, studies: Sequence[Any], *, warmup: bool, passes: int
+) -> Any:
     batch_size = task.config.batching.max_batch_size
     if warmup:  # the first group (one full batch): kernels and allocations for that batch size
         _direct_pass(task, network, studies, batch_size, max_groups=1)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    latencies, findings = _direct_pass(task, network, studies, batch_size)
-    wall_s = time.perf_counter() - start
-    return BaselineResult(
-        "direct",
-        len(studies),
-        sum(s.spec.n_images for s in studies),
-        wall_s,
-        time.process_time() - cpu_start,
-        latencies,
-        findings,
-        {"batch_size": batch_size, "method": "run_direct's stages, batches filled across consecutive studies"},
-    )
+    best: BaselineResult | None = None
+    walls = []
+    for _ in range(max(1, passes)):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        latencies, findings = _direct_pass(task, network, studies, batch_size)
+        wall_s = time.perf_counter() - start
+        walls.append(round(wall_s, 3))
+        result = BaselineResult(
+            "direct",
+            len(studies),
+            sum(s.spec.n_images for s in studies),
+            wall_s,
+            time.process_time() - cpu_start,
+            latencies,
+            findings,
+            {"batch_size": batch_size, "method": "run_direct's stages, batches filled across consecutive studies"},
+        )
+        if best is None or result.wall_s < best.wall_s:
+            best = result
+    best.detail["passes_wall_s"] = walls
+    return best
 
 
 def _direct_pass(

@@ -215,7 +215,15 @@ class Workload:
 PROFILES: dict[str, list[Workload]] = {
     # Smoke (tests/benchmarks/test_bench_smoke.py): every path once, as few forward passes as possible.
     "tiny": [
-        Workload("ct", ct((64, 64, 32), 2.0, 3.0, 2), concurrency=(1, 2), reads=2, baseline_studies=1, naive_studies=1),
+        Workload(
+            "ct",
+            ct((64, 64, 32), 2.0, 3.0, 2),
+            concurrency=(1, 2),
+            reads=2,
+            warmup_reads=0,
+            baseline_studies=1,
+            naive_studies=1,
+        ),
         Workload("dx-256", dx(256, 1.6, 4), concurrency=(1, 8), reads=8, baseline_studies=4, naive_studies=1),
     ],
     # `make bench` on a 2-core CPU, within 5 minutes: a CT of 8 patches of 96^3 after resampling (a study's own

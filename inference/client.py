@@ -139,6 +139,27 @@ class ReadingClient:
             iter_requests(header, payloads, progress=progress), timeout=timeout_s, metadata=self.metadata
         )
 
+    def read_referenced(
+        self,
+        *,
+        shared_memory: pb.SharedMemoryRef | None = None,
+        paths: Sequence[str | Path] = (),
+        payload_kind: int = pb.RAW,
+        timeout_s: float | None = None,
+        **header_fields: object,
+    ) -> pb.ReadResponse:
+        """Zero-copy ingest on the server's host: the header names a shared-memory segment or files under one of
+        the server's ingest roots, and no chunks follow (docs/decisions.md, "Zero-copy ingest"). Header fields as
+        for :meth:`read` (``raw=pb.RawArray(...)`` for a RAW array)."""
+        if (shared_memory is None) == (not paths):
+            raise ValueError("give exactly one of shared_memory or paths")
+        header = pb.ReadHeader(payload=payload_kind, **header_fields)
+        if shared_memory is not None:
+            header.shared_memory.CopyFrom(shared_memory)
+        else:
+            header.file.paths.extend(str(Path(p).resolve()) for p in paths)
+        return self.stub.Read(iter([pb.ReadRequest(header=header)]), timeout=timeout_s, metadata=self.metadata)
+
     def read_future(
         self,
         payloads: Sequence[bytes | Path],

@@ -121,13 +121,13 @@ def test_shared_memory_and_files_find_what_a_streamed_upload_finds(client, study
     try:
         shm.buf[4096 : 4096 + len(data)] = data
         ref = pb.SharedMemoryRef(name=shm.name, size_bytes=len(data), offset_bytes=4096)
-        from_shm = _read_referenced(client, _header(raw, shared_memory=ref))
+        from_shm = client.read_referenced(shared_memory=ref, raw=raw, modality="CT", timeout_s=300)
     finally:
         shm.close()
         shm.unlink()
 
     (ingest_root / "study.raw").write_bytes(data)
-    from_file = _read_referenced(client, _header(raw, file=pb.FileRef(paths=[str(ingest_root / "study.raw")])))
+    from_file = client.read_referenced(paths=[ingest_root / "study.raw"], raw=raw, modality="CT", timeout_s=300)
 
     assert _findings(from_shm) == _findings(streamed)
     assert _findings(from_file) == _findings(streamed)

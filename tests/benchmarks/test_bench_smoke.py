@@ -3,6 +3,7 @@ memory runs, and the direct and naive baselines, then the report's structure and
 
 The server runs the real networks of models/lung_nodule_ct and models/chest_xray with seeded untrained weights:
 the harness is under test here, not the models (their throughput does not depend on the weights' values).
+Targets are figures in the report (PASS / MISS), never asserted here.
 """
 
 from __future__ import annotations
