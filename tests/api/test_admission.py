@@ -66,8 +66,8 @@ def small():
 
 @pytest.fixture(scope="module")
 def large():
-    """2 x 2 x 2 patches: two forward passes of 4."""
-    return make_study(22, (160, 160, 72))
+    """3 x 3 x 3 patches: seven forward passes of at most 4, seconds of work even on an idle machine."""
+    return make_study(22, (256, 256, 120))
 
 
 def metrics(server) -> dict[str, float]:
@@ -140,15 +140,18 @@ def test_a_50_ms_deadline_on_a_slow_read_is_deadline_exceeded_and_the_server_goe
 
 def test_a_read_whose_deadline_passes_in_the_queue_is_dropped_and_the_queue_drains(server, small, large):
     large_items = len(DetectionTask(LUNG, torch.device("cpu")).prepare(large[0]).items)
-    assert large_items > LUNG.batching.max_batch_size  # the large read holds the model for several passes
+    assert large_items > 5 * LUNG.batching.max_batch_size  # the large read holds the model for several passes
     client = ReadingClient(server.target)
     try:
         before = metrics(server)[ITEMS_RUN]
         blocker = client.read_future([large[1]], payload_kind=pb.RAW, raw=large[2], timeout_s=300)
         wait_for(lambda: metrics(server)[QUEUE] > 0, what="the large read's items to queue")
         with pytest.raises(grpc.RpcError) as failed:  # queued behind the large read's items
-            client.read([small[1]], payload_kind=pb.RAW, raw=small[2], timeout_s=2.0)
+            client.read([small[1]], payload_kind=pb.RAW, raw=small[2], timeout_s=1.0)
         assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The premise: the deadline passed while the large read's items were still ahead of the small one's.
+        # Otherwise the small read's patch may have run before it expired, and the count below means nothing.
+        assert not blocker.done(), "the large read finished before the small read's deadline: make it larger"
         assert blocker.result().model == "lung_nodule_ct"
         wait_for(lambda: metrics(server)[QUEUE] == 0 and metrics(server)[IN_FLIGHT] == 0, what="the queue to drain")
         assert metrics(server)[ITEMS_RUN] - before == large_items  # the expired read's patch never ran
