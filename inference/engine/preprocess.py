@@ -44,12 +44,33 @@ def preprocess(volume: Volume, cfg: PreprocessConfig, device: torch.device | str
         image = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), lazy=True)(image)
         image = Spacing(pixdim=cfg.spacing_mm, lazy=True, **_RESAMPLE)(image)
         image = apply_pending(image, overrides=_RESAMPLE)[0]
+        if image.untyped_storage().data_ptr() == voxels.untyped_storage().data_ptr():
+            image = image.clone()  # an identity resampling returns the caller's voxels: never normalise them in place
         del voxels
         if cfg.normalize == "zscore":
             image = NormalizeIntensity(nonzero=True)(image)
+        elif cfg.normalize == "zscore_foreground":
+            image = zscore_foreground(image, cfg.foreground_fraction, cfg.percentile_high)
         else:
             image = ScaleIntensityRange(cfg.a_min, cfg.a_max, cfg.b_min, cfg.b_max, clip=cfg.clip)(image)
         affine_lps = LPS_TO_RAS @ np.asarray(image.affine.cpu(), dtype=np.float64)
         out = image.as_tensor().float().contiguous()
         work.hand_off(out)
     return Preprocessed(image=out, affine=affine_lps)
+
+
+def zscore_foreground(image: torch.Tensor, fraction: float, percentile: float) -> torch.Tensor:
+    """``(image - mean) / std`` over the voxels brighter than ``fraction`` x the image's ``percentile``-th value.
+
+    On MR the air around the head is Rician noise, never exactly zero, so ``NormalizeIntensity(nonzero=True)``
+    averages over the background too and the scale of the result follows the field of view. A threshold
+    relative to a high percentile keeps the body (scalp, brain, CSF) and drops the air on any intensity scale.
+    """
+    flat = image.reshape(-1).float()
+    k = min(flat.numel(), max(1, round(percentile / 100.0 * flat.numel())))
+    threshold = fraction * float(flat.kthvalue(k).values)
+    foreground = flat[flat > threshold]
+    if foreground.numel() < 2:  # a blank image: only centre it
+        return image - flat.mean()
+    mean, std = foreground.mean(), foreground.std()
+    return (image - mean) / std.clamp_min(1e-8)

@@ -33,6 +33,9 @@ def _positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
+NORMALIZE_MODES = ("window", "zscore", "zscore_foreground", "percentile")
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     spacing_mm: tuple[float, ...] = (2.0, 2.0, 2.0)
@@ -44,19 +47,23 @@ class PreprocessConfig:
     clip: bool = True
     # Per-image z-score normalisation instead of a fixed window (MR), or a per-image window between two
     # intensity percentiles mapped to [b_min, b_max] (projection X-ray, whose stored values have no fixed scale).
-    normalize: str = "window"  # window | zscore | percentile
+    # zscore: mean and standard deviation of the non-zero voxels (MONAI's NormalizeIntensity(nonzero=True)).
+    # zscore_foreground: of the voxels above foreground_fraction x the percentile_high intensity, i.e. the body
+    # without the noisy air around it, so the scale does not depend on the field of view (docs/decisions.md).
+    normalize: str = "window"  # window | zscore | zscore_foreground | percentile
     percentile_low: float = 1.0
     percentile_high: float = 99.0
+    foreground_fraction: float = 0.15
 
     def __post_init__(self) -> None:
         for s in self.spacing_mm:
             _positive("preprocessing.spacing_mm", s)
         if not self.a_max > self.a_min:
             raise ValueError(f"preprocessing.a_max ({self.a_max}) must exceed a_min ({self.a_min})")
-        if self.normalize not in ("window", "zscore", "percentile"):
-            raise ValueError(
-                f"preprocessing.normalize must be 'window', 'zscore' or 'percentile', got {self.normalize!r}"
-            )
+        if self.normalize not in NORMALIZE_MODES:
+            raise ValueError(f"preprocessing.normalize must be one of {NORMALIZE_MODES}, got {self.normalize!r}")
+        if not 0.0 < self.foreground_fraction < 1.0:
+            raise ValueError(f"preprocessing.foreground_fraction must be in (0, 1), got {self.foreground_fraction!r}")
         if not 0.0 <= self.percentile_low < self.percentile_high <= 100.0:
             raise ValueError(
                 f"preprocessing.percentile_low ({self.percentile_low}) and percentile_high ({self.percentile_high}) "

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from inference.engine.preprocess import zscore_foreground
 from inference.engine.task import PreparedStudy, Task
 from inference.errors import InvalidInputError
 from inference.io.volume import Volume
@@ -161,6 +162,8 @@ def normalize_and_pad(
     image = resized.to(torch.float32)
     if cfg.normalize == "zscore":
         image = (image - image.mean()) / image.std().clamp_min(1e-6)
+    elif cfg.normalize == "zscore_foreground":
+        image = zscore_foreground(image, cfg.foreground_fraction, cfg.percentile_high)
     else:
         if cfg.normalize == "percentile":
             q = torch.tensor([cfg.percentile_low / 100.0, cfg.percentile_high / 100.0], device=image.device)
