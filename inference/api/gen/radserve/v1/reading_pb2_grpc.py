@@ -39,6 +39,11 @@ class ReadingServiceStub:
                 request_serializer=radserve_dot_v1_dot_reading__pb2.ReadRequest.SerializeToString,
                 response_deserializer=radserve_dot_v1_dot_reading__pb2.ReadResponse.FromString,
                 _registered_method=True)
+        self.ReadStreamed = channel.stream_stream(
+                '/radserve.v1.ReadingService/ReadStreamed',
+                request_serializer=radserve_dot_v1_dot_reading__pb2.ReadRequest.SerializeToString,
+                response_deserializer=radserve_dot_v1_dot_reading__pb2.ReadResponsePart.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/radserve.v1.ReadingService/ListModels',
                 request_serializer=radserve_dot_v1_dot_reading__pb2.ListModelsRequest.SerializeToString,
@@ -64,6 +69,26 @@ class ReadingServiceServicer:
         INVALID_ARGUMENT (malformed input), UNIMPLEMENTED (e.g. a transfer syntax without codec),
         RESOURCE_EXHAUSTED (a limit), NOT_FOUND (unknown model or version), FAILED_PRECONDITION (modality
         the model does not take), UNAVAILABLE (overloaded or shutting down; retriable), DEADLINE_EXCEEDED.
+        The whole answer is one message, so it must fit the maximum message size (64 MiB by default, the server's
+        max_message_bytes; and the client's own receive limit, 4 MiB in gRPC by default): a read whose findings,
+        DICOM SR and DICOM SEG together exceed the server's limit fails with RESOURCE_EXHAUSTED, naming the sizes and
+        ReadStreamed. Use ReadStreamed for DICOM outputs that may be large.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadStreamed(self, request_iterator, context):
+        """Read one study and get the answer as a stream. The request stream is exactly Read's, and the same errors
+        come back as the status of the call. The answer is a sequence of ReadResponsePart messages:
+        1. `summary`: a ReadResponse with everything Read returns except the DICOM bytes (dicom_sr and dicom_seg
+        are empty): request id, model, version, device, findings, timings, warnings;
+        2. for each DICOM output asked for in header.outputs and produced, DICOM_SR first, then DICOM_SEG:
+        its bytes as `chunk`s of at most 4 MiB, in order (offset 0, then each chunk's offset + its size), then
+        its `output_end` with the size and SHA-256 of the whole object. An object is complete only once its
+        output_end has come and its size and checksum match. An output asked for but not produced (a SEG with
+        nothing to segment) sends nothing: the summary's warnings say why.
+        The call ends with OK after the last output_end.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,6 +129,11 @@ def add_ReadingServiceServicer_to_server(servicer, server):
                     servicer.Read,
                     request_deserializer=radserve_dot_v1_dot_reading__pb2.ReadRequest.FromString,
                     response_serializer=radserve_dot_v1_dot_reading__pb2.ReadResponse.SerializeToString,
+            ),
+            'ReadStreamed': grpc.stream_stream_rpc_method_handler(
+                    servicer.ReadStreamed,
+                    request_deserializer=radserve_dot_v1_dot_reading__pb2.ReadRequest.FromString,
+                    response_serializer=radserve_dot_v1_dot_reading__pb2.ReadResponsePart.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -148,6 +178,33 @@ class ReadingService:
             '/radserve.v1.ReadingService/Read',
             radserve_dot_v1_dot_reading__pb2.ReadRequest.SerializeToString,
             radserve_dot_v1_dot_reading__pb2.ReadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadStreamed(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/radserve.v1.ReadingService/ReadStreamed',
+            radserve_dot_v1_dot_reading__pb2.ReadRequest.SerializeToString,
+            radserve_dot_v1_dot_reading__pb2.ReadResponsePart.FromString,
             options,
             channel_credentials,
             insecure,
