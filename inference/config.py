@@ -71,8 +71,12 @@ class ServerConfig:
     device: str = "auto"
     backend: str = "torch"  # torch | triton: where networks run (model.yaml `backend:` overrides per model)
     triton: TritonConfig = field(default_factory=TritonConfig)
-    # Largest single gRPC message either way; a 4 MiB chunk plus framing always fits.
+    # Largest single gRPC message either way; a 4 MiB chunk plus framing always fits. A Read whose response
+    # (findings + DICOM SR + DICOM SEG) is larger fails with RESOURCE_EXHAUSTED naming ReadStreamed.
     max_message_bytes: int = 64 * MiB
+    # ReadStreamed sends each DICOM output (SR, SEG) in chunks of at most this many bytes (4 MiB, like uploads;
+    # lower it to test reassembly with small objects).
+    output_chunk_bytes: int = 4 * MiB
     # SIGTERM: reads in flight get this long to finish before the server stops.
     grace_s: float = 30.0
     # Worker threads for decoding and preprocessing (the forward pass has one thread per model).
@@ -126,6 +130,8 @@ class ServerConfig:
             raise ValueError(f"backend must be 'torch' or 'triton', got {self.backend!r}")
         if self.max_message_bytes < 5 * MiB:
             raise ValueError(f"max_message_bytes must be >= {5 * MiB} (a 4 MiB chunk), got {self.max_message_bytes!r}")
+        if not 1024 <= self.output_chunk_bytes <= 4 * MiB:
+            raise ValueError(f"output_chunk_bytes must be in [1024, {4 * MiB}], got {self.output_chunk_bytes!r}")
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s!r}")
         if self.io_threads < 1:

@@ -6,18 +6,20 @@ exception messages withheld (library messages quote values, which may be patient
 
 Every call handled here gets a :class:`CallRecord` (in :data:`call_record_var`) that the inner layers fill in
 (tenant, model, hashed study UID, stage timings). When the call ends, however it ends (answered, failed,
-cancelled, past its deadline), each Read gets exactly one audit record on the ``radserve.audit`` logger and
-the record goes to the ``on_done`` hook (metrics). Neither carries patient data or tokens.
+cancelled, past its deadline), each Read and ReadStreamed gets exactly one audit record on the ``radserve.audit``
+logger and the record goes to the ``on_done`` hook (metrics). Neither carries patient data or tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import inspect
 import logging
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +33,7 @@ logger = logging.getLogger(__name__)
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 audit_logger = logging.getLogger("radserve.audit")
-AUDITED_METHODS = frozenset({"/radserve.v1.ReadingService/Read"})
+AUDITED_METHODS = frozenset({"/radserve.v1.ReadingService/Read", "/radserve.v1.ReadingService/ReadStreamed"})
 DEADLINE_SLACK_S = 0.25  # a call cancelled this close to its deadline is counted as DEADLINE_EXCEEDED
 
 
@@ -121,6 +123,19 @@ def redacted_traceback(exc: BaseException) -> str:
     return "".join(parts)
 
 
+def _aborted_code(context: grpc.aio.ServicerContext, record: CallRecord) -> str:
+    code = context.code() if hasattr(context, "code") else None
+    return code.name if isinstance(code, grpc.StatusCode) else record.code
+
+
+def _cancelled_code(context: grpc.aio.ServicerContext) -> str:
+    # gRPC cancels the handler when the client goes away or the deadline passes. The client's own deadline
+    # timer fires first, so the server may see the cancellation a few ms before its deadline.
+    remaining = context.time_remaining()
+    expired = remaining is not None and remaining <= DEADLINE_SLACK_S
+    return (grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED).name
+
+
 def _wrap(
     behavior: Callable[..., Awaitable[Any]], method: str, on_done: Callable[[CallRecord], None] | None
 ) -> Callable[..., Awaitable[Any]]:
@@ -133,15 +148,10 @@ def _wrap(
             record.code = grpc.StatusCode.OK.name
             return response
         except grpc.aio.AbortError:
-            code = context.code() if hasattr(context, "code") else None
-            record.code = code.name if isinstance(code, grpc.StatusCode) else record.code
+            record.code = _aborted_code(context, record)
             raise
         except asyncio.CancelledError:
-            # gRPC cancels the handler when the client goes away or the deadline passes. The client's own
-            # deadline timer fires first, so the server may see the cancellation a few ms before its deadline.
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= DEADLINE_SLACK_S
-            record.code = (grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED).name
+            record.code = _cancelled_code(context)
             raise
         except Exception as exc:
             record.code = _status_of(exc)
@@ -151,6 +161,44 @@ def _wrap(
             if record.request_id == "-":
                 record.request_id = request_id_var.get()
             call_record_var.reset(reset)
+            _finish(record, on_done)
+
+    return wrapper
+
+
+def _wrap_stream(
+    behavior: Callable[..., AsyncIterator[Any]], method: str, on_done: Callable[[CallRecord], None] | None
+) -> Callable[..., AsyncIterator[Any]]:
+    """As :func:`_wrap`, for a handler that answers with a stream (an async generator, e.g. ReadStreamed): an
+    exception raised before or between its messages ends the call with its status; the call is recorded once,
+    when the stream ends."""
+
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        record = CallRecord(method)
+        reset = call_record_var.set(record)
+        start = time.perf_counter()
+        try:
+            async with contextlib.aclosing(behavior(request, context)) as responses:
+                async for response in responses:
+                    yield response
+            record.code = grpc.StatusCode.OK.name
+        except grpc.aio.AbortError:
+            record.code = _aborted_code(context, record)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            # GeneratorExit: gRPC stopped taking messages (the client went away while one was being sent).
+            record.code = _cancelled_code(context)
+            raise
+        except Exception as exc:
+            record.code = _status_of(exc)
+            await _abort_for(exc, context, method)
+        finally:
+            record.duration_ms = (time.perf_counter() - start) * 1e3
+            if record.request_id == "-":
+                record.request_id = request_id_var.get()
+            # A generator abandoned mid-stream is closed later from another context, where the reset cannot apply.
+            with contextlib.suppress(ValueError):
+                call_record_var.reset(reset)
             _finish(record, on_done)
 
     return wrapper
@@ -168,7 +216,7 @@ def _finish(record: CallRecord, on_done: Callable[[CallRecord], None] | None) ->
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions of unary-response handlers (Read, ListModels...) to gRPC status codes.
+    """Maps exceptions of the handlers (Read, ReadStreamed, ListModels...) to gRPC status codes.
 
     Place it first among the server's interceptors, so that it sees what the others raise. ``on_done``
     gets each finished call's :class:`CallRecord` (metrics).
@@ -183,7 +231,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or (handler.request_streaming and handler.response_streaming):
+        if handler is None:
             return handler
         method = handler_call_details.method
         if handler.unary_unary:
@@ -195,6 +243,20 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
                 _wrap(handler.stream_unary, method, self._on_done),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        # Streamed answers written as async generators (ReadStreamed, reflection). A handler that writes with
+        # context.write (health's Watch) is left as it is.
+        if handler.stream_stream and inspect.isasyncgenfunction(handler.stream_stream):
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_stream(handler.stream_stream, method, self._on_done),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method, self._on_done),
                 handler.request_deserializer,
                 handler.response_serializer,
             )

@@ -19,11 +19,13 @@ Tokens are compared in constant time and never logged or quoted in an error.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hmac
+import inspect
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,6 +174,26 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapper
 
+    def _guard_stream(self, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+        """As :meth:`_guard`, for a handler that answers with a stream (ReadStreamed): authenticated before its
+        first message."""
+
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            tenant = self._authenticate(context)
+            record = call_record_var.get()
+            if record is not None:
+                record.tenant = tenant.name
+            reset = tenant_var.set(tenant)
+            try:
+                async with contextlib.aclosing(behavior(request, context)) as responses:
+                    async for response in responses:
+                        yield response
+            finally:
+                with contextlib.suppress(ValueError):  # closed from another context after the client went away
+                    tenant_var.reset(reset)
+
+        return wrapper
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -188,7 +210,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return grpc.stream_unary_rpc_method_handler(
                 self._guard(handler.stream_unary), handler.request_deserializer, handler.response_serializer
             )
-        raise RuntimeError(f"AuthInterceptor cannot guard the streaming method {handler_call_details.method}")
+        if handler.stream_stream and inspect.isasyncgenfunction(handler.stream_stream):
+            return grpc.stream_stream_rpc_method_handler(
+                self._guard_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+            )
+        raise RuntimeError(f"AuthInterceptor cannot guard the method {handler_call_details.method}")
 
 
 def is_loopback(host: str) -> bool:

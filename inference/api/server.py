@@ -81,6 +81,8 @@ class RadserveServer:
             max_in_flight=config.max_in_flight,
             ingest=IngestPolicy.from_config(config),
             allow_model_management=config.allow_model_management,
+            max_message_bytes=config.max_message_bytes,
+            output_chunk_bytes=config.output_chunk_bytes,
         )
         self.metrics = ServerMetrics(lambda: self.registry.runners, lambda: self.servicer.in_flight)
         options = [

@@ -1,14 +1,20 @@
-"""The ReadingService: receive -> decode -> model -> findings. Errors are raised, never formatted here."""
+"""The ReadingService: receive -> decode -> model -> findings. Errors are raised, never formatted here.
+
+Read and ReadStreamed share one read path (``_run``) and differ only in how the answer leaves: one ReadResponse
+(which must fit the maximum message size), or a summary followed by the DICOM outputs in checksummed chunks.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Executor
+from dataclasses import dataclass
 
 import grpc
 
@@ -20,7 +26,13 @@ from inference.api.interceptors import call_record_var, request_id_var
 from inference.api.security import PermissionDeniedError, check_model_allowed, tenant_var
 from inference.engine.runner import without_voxels
 from inference.engine.scheduler import Priority
-from inference.errors import DeadlineExceededError, InvalidInputError, OverloadedError, ShuttingDownError
+from inference.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    LimitExceededError,
+    OverloadedError,
+    ShuttingDownError,
+)
 from inference.io.dicom import hash_uid
 from inference.io.limits import InputLimits
 from inference.modelrepo.registry import ModelListing, ModelRegistry, VersionState
@@ -50,7 +62,37 @@ def finding_to_proto(finding: Finding) -> pb.Finding:
     return message
 
 
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def output_parts(kind: int, data: bytes, chunk_bytes: int, digest: str) -> Iterator[pb.ReadResponsePart]:
+    """One DICOM output of ReadStreamed: its bytes in chunks of at most ``chunk_bytes``, then its end (size, SHA-256
+    ``digest``). Nothing for empty ``data``."""
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes!r}")
+    total = len(data)
+    offsets = range(0, total, chunk_bytes)
+    for offset in offsets:
+        chunk = pb.OutputChunk(output=kind, offset=offset, total_bytes=total, data=data[offset : offset + chunk_bytes])
+        yield pb.ReadResponsePart(chunk=chunk)
+    if total:
+        end = pb.OutputEnd(output=kind, total_bytes=total, chunks=len(offsets), sha256=digest)
+        yield pb.ReadResponsePart(output_end=end)
+
+
+@dataclass
+class ReadOutcome:
+    """What one read produced: the response without DICOM bytes (Read's fields 1-7), and the DICOM objects."""
+
+    summary: pb.ReadResponse
+    derived: DerivedObjects
+
+
 class ReadingServicer(pb_grpc.ReadingServiceServicer):
+    """``max_message_bytes``: the server's gRPC message limit, which a Read response must fit; ``output_chunk_bytes``:
+    the largest DICOM chunk ReadStreamed sends."""
+
     def __init__(
         self,
         registry: ModelRegistry,
@@ -60,9 +102,13 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         max_in_flight: int = 64,
         ingest: IngestPolicy | None = None,
         allow_model_management: bool = True,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        output_chunk_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight!r}")
+        if output_chunk_bytes < 1:
+            raise ValueError(f"output_chunk_bytes must be >= 1, got {output_chunk_bytes!r}")
         for name in QUOTING_LIBRARY_LOGGERS:
             library_logger = logging.getLogger(name)
             library_logger.setLevel(max(library_logger.getEffectiveLevel(), logging.WARNING))
@@ -72,30 +118,39 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         self._ingest = ingest or IngestPolicy()  # default: payloads referenced by the header are refused
         self.max_in_flight = max_in_flight
         self.allow_model_management = allow_model_management
+        self.max_message_bytes = max_message_bytes
+        self.output_chunk_bytes = output_chunk_bytes
         self.draining = False
         self.in_flight = 0
 
-    async def Read(  # noqa: N802 - gRPC method name
-        self, request_iterator: AsyncIterator[pb.ReadRequest], context: grpc.aio.ServicerContext
-    ) -> pb.ReadResponse:
+    @contextlib.asynccontextmanager
+    async def _admitted(self) -> AsyncIterator[None]:
+        """Admission control, before any byte of the payload is received; counts the read in flight until it ends."""
         if self.draining:
             raise ShuttingDownError("server is shutting down; retry on another replica")
-        if self.in_flight >= self.max_in_flight:  # admission control, before any byte of the payload is received
+        if self.in_flight >= self.max_in_flight:
             raise OverloadedError(f"server is at its limit of {self.max_in_flight} reads in flight; retry later")
         self.in_flight += 1
         try:
-            # `held` keeps the model version the read runs on from being stopped (hot swap, unload) until it ends.
-            async with contextlib.AsyncExitStack() as held:
-                return await self._read(request_iterator, context, held)
+            yield
         finally:
             self.in_flight -= 1
+
+    async def _run(
+        self, request_iterator: AsyncIterator[pb.ReadRequest], context: grpc.aio.ServicerContext
+    ) -> ReadOutcome:
+        """The one read path of Read and ReadStreamed: upload, decode, model, SR/SEG."""
+        # `held` keeps the model version the read runs on from being stopped (hot swap, unload) until the
+        # findings and DICOM objects are built.
+        async with contextlib.AsyncExitStack() as held:
+            return await self._read(request_iterator, context, held)
 
     async def _read(
         self,
         request_iterator: AsyncIterator[pb.ReadRequest],
         context: grpc.aio.ServicerContext,
         held: contextlib.AsyncExitStack,
-    ) -> pb.ReadResponse:
+    ) -> ReadOutcome:
         start = time.perf_counter()
         time_remaining = context.time_remaining()
         deadline_s = None if time_remaining is None else time.monotonic() + time_remaining
@@ -164,7 +219,7 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         if record is not None:
             record.timing_ms = dict(timing)
         logger.info("request %s: %d findings in %.0f ms", upload.request_id, len(result.findings), timing["total"])
-        return pb.ReadResponse(
+        summary = pb.ReadResponse(
             request_id=upload.request_id,
             model=runner.config.name,
             model_version=runner.config.version,
@@ -172,9 +227,44 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
             timing_ms=timing,
             warnings=[*result.warnings, *derived.warnings],
             device=str(runner.device),
-            dicom_sr=derived.sr,
-            dicom_seg=derived.seg,
         )
+        return ReadOutcome(summary, derived)
+
+    async def Read(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterator[pb.ReadRequest], context: grpc.aio.ServicerContext
+    ) -> pb.ReadResponse:
+        async with self._admitted():
+            outcome = await self._run(request_iterator, context)
+            return self._single_response(outcome)
+
+    async def ReadStreamed(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterator[pb.ReadRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ReadResponsePart]:
+        async with self._admitted():
+            outcome = await self._run(request_iterator, context)
+            yield pb.ReadResponsePart(summary=outcome.summary)
+            loop = asyncio.get_running_loop()
+            for kind, data in ((pb.DICOM_SR, outcome.derived.sr), (pb.DICOM_SEG, outcome.derived.seg)):
+                if not data:
+                    continue
+                digest = await loop.run_in_executor(self._io_executor, sha256_hex, data)
+                for part in output_parts(kind, data, self.output_chunk_bytes, digest):
+                    yield part
+
+    def _single_response(self, outcome: ReadOutcome) -> pb.ReadResponse:
+        """Read's one message; refused with RESOURCE_EXHAUSTED (naming ReadStreamed) when it exceeds the maximum
+        message size, rather than failing in gRPC's framing after the handler has returned."""
+        sr, seg = outcome.derived.sr, outcome.derived.seg
+        response = pb.ReadResponse(dicom_sr=sr, dicom_seg=seg)
+        response.MergeFrom(outcome.summary)
+        size = response.ByteSize()
+        if size > self.max_message_bytes:
+            raise LimitExceededError(
+                f"the Read response would be {size} bytes (DICOM SR {len(sr)} bytes, DICOM SEG {len(seg)} bytes), "
+                f"over this server's maximum message size of {self.max_message_bytes} bytes; use ReadStreamed, "
+                f"which returns the DICOM outputs in chunks of at most {self.output_chunk_bytes} bytes"
+            )
+        return response
 
     async def ListModels(  # noqa: N802 - gRPC method name
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext

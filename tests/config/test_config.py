@@ -25,7 +25,13 @@ def test_precedence_yaml_then_env_then_cli(tmp_path):
 
 @pytest.mark.parametrize(
     ("kwargs", "quoted"),
-    [({"port": 70000}, "70000"), ({"device": "tpu"}, "'tpu'"), ({"max_message_bytes": 1024}, "1024")],
+    [
+        ({"port": 70000}, "70000"),
+        ({"device": "tpu"}, "'tpu'"),
+        ({"max_message_bytes": 1024}, "1024"),
+        ({"output_chunk_bytes": 512}, "512"),
+        ({"output_chunk_bytes": 8 * 1024 * 1024}, "8388608"),
+    ],
 )
 def test_bounds_are_checked_and_the_value_quoted(kwargs, quoted):
     with pytest.raises(ValueError, match=quoted):
