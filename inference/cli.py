@@ -253,7 +253,7 @@ class _Progress:
 
 
 def _read(args: argparse.Namespace) -> int:
-    from inference.client import collect_files
+    from inference.client import OutputIntegrityError, collect_files
 
     try:
         files, kind = collect_files(args.paths)
@@ -265,8 +265,10 @@ def _read(args: argparse.Namespace) -> int:
     name, _, version = args.model.partition(":")
     outputs = [pb.FINDINGS] + [pb.DICOM_SR] * (args.sr is not None) + [pb.DICOM_SEG] * (args.seg is not None)
     client = _client(args)
+    # DICOM outputs come through ReadStreamed, in checked chunks, so that a SEG of any size arrives.
+    read = client.read_streamed if args.sr is not None or args.seg is not None else client.read
     try:
-        response = client.read(
+        response = read(
             files,
             payload_kind=kind,
             model=name,
@@ -279,6 +281,9 @@ def _read(args: argparse.Namespace) -> int:
         )
     except grpc.RpcError as exc:
         return _error(exc)
+    except OutputIntegrityError as exc:
+        print(f"error: {exc.code}: {exc}", file=sys.stderr)
+        return 1
     finally:
         client.close()
     for path, data, what in ((args.sr, response.dicom_sr, "DICOM SR"), (args.seg, response.dicom_seg, "DICOM SEG")):

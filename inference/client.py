@@ -1,7 +1,9 @@
 """A small client for the ReadingService: what `radserve read` and the benchmarks use.
 
 A study is streamed as a header followed by chunks of at most 4 MiB (large single gRPC messages are
-slow: docs/decisions.md, "Streaming").
+slow: docs/decisions.md, "Streaming"). :meth:`ReadingClient.read_streamed` gets the answer of ReadStreamed, whose
+DICOM outputs (SR, SEG) come in chunks too: :class:`OutputAssembler` puts them together and checks each object's
+size and SHA-256 before it is handed out (docs/decisions.md, "DICOM outputs: a second, server-streaming RPC").
 
 Security: ``ca`` (the CA that signed the server's certificate) turns on TLS; ``cert`` + ``key`` present a
 client certificate (mutual TLS); ``token`` is sent as ``authorization: Bearer <token>`` on every call.
@@ -9,7 +11,8 @@ client certificate (mutual TLS); ``token`` is sent as ``authorization: Bearer <t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +70,114 @@ def iter_requests(
             yield pb.ReadRequest(chunk=pb.Chunk(file_index=index, data=bytes(piece)))
             if progress is not None:
                 progress(len(piece))
+
+
+OUTPUT_NAMES = {pb.DICOM_SR: "DICOM SR", pb.DICOM_SEG: "DICOM SEG"}
+
+
+class OutputIntegrityError(ValueError):
+    """A ReadStreamed answer that does not add up: a DICOM output incomplete, out of order, of the wrong size or
+    checksum, or parts in the wrong order. ``code`` is the gRPC status name the CLI reports it under."""
+
+    code = "DATA_LOSS"
+
+
+class OutputAssembler:
+    """Reassembles the ReadStreamed answer: ``add`` each ReadResponsePart in the order received, then ``result``.
+
+    Each DICOM output must arrive as consecutive chunks from offset 0, all stating the same total size, followed by
+    its end; the end's size, chunk count and SHA-256 must match what arrived. Anything else raises
+    :class:`OutputIntegrityError`, so a truncated or corrupted object is never returned.
+    """
+
+    def __init__(self) -> None:
+        self.summary: pb.ReadResponse | None = None
+        self._buffers: dict[int, bytearray] = {}
+        self._totals: dict[int, int] = {}
+        self._chunks: dict[int, int] = {}
+        self._complete: dict[int, bytes] = {}
+
+    @staticmethod
+    def _name(kind: int) -> str:
+        return OUTPUT_NAMES.get(kind, f"output kind {kind}")
+
+    def add(self, part: pb.ReadResponsePart) -> None:
+        which = part.WhichOneof("kind")
+        if which == "summary":
+            if self.summary is not None:
+                raise OutputIntegrityError("the answer carried a second summary")
+            self.summary = part.summary
+            return
+        if self.summary is None:
+            raise OutputIntegrityError(f"the answer began with {which or 'an empty part'}, not with its summary")
+        if which == "chunk":
+            self._add_chunk(part.chunk)
+        elif which == "output_end":
+            self._end(part.output_end)
+        else:
+            raise OutputIntegrityError("the answer carried an empty part")
+
+    def _add_chunk(self, chunk: pb.OutputChunk) -> None:
+        name = self._name(chunk.output)
+        if chunk.output not in OUTPUT_NAMES:
+            raise OutputIntegrityError(f"a chunk of {name}, which is not a DICOM output")
+        if chunk.output in self._complete:
+            raise OutputIntegrityError(f"a chunk of {name} after its end")
+        buffer = self._buffers.setdefault(chunk.output, bytearray())
+        total = self._totals.setdefault(chunk.output, chunk.total_bytes)
+        if chunk.total_bytes != total:
+            raise OutputIntegrityError(f"{name}: a chunk states {chunk.total_bytes} bytes in all, an earlier {total}")
+        if chunk.offset != len(buffer):
+            raise OutputIntegrityError(f"{name}: a chunk at offset {chunk.offset}, expected offset {len(buffer)}")
+        if not chunk.data or len(buffer) + len(chunk.data) > total:
+            raise OutputIntegrityError(
+                f"{name}: a chunk of {len(chunk.data)} bytes at offset {chunk.offset} of a {total}-byte object"
+            )
+        buffer += chunk.data
+        self._chunks[chunk.output] = self._chunks.get(chunk.output, 0) + 1
+
+    def _end(self, end: pb.OutputEnd) -> None:
+        name = self._name(end.output)
+        if end.output in self._complete:
+            raise OutputIntegrityError(f"{name} ended twice")
+        buffer = self._buffers.pop(end.output, bytearray())
+        chunks = self._chunks.get(end.output, 0)
+        if len(buffer) != end.total_bytes or chunks != end.chunks:
+            raise OutputIntegrityError(
+                f"{name} is incomplete: {len(buffer)} bytes in {chunks} chunks arrived, its end states "
+                f"{end.total_bytes} bytes in {end.chunks} chunks"
+            )
+        digest = hashlib.sha256(buffer).hexdigest()
+        if digest != end.sha256.lower():
+            raise OutputIntegrityError(
+                f"{name} is corrupt: the SHA-256 of the {len(buffer)} bytes received is {digest}, "
+                f"its end states {end.sha256}"
+            )
+        self._complete[end.output] = bytes(buffer)
+
+    def result(self) -> pb.ReadResponse:
+        """The whole answer as Read gives it: the summary with ``dicom_sr`` and ``dicom_seg`` filled in."""
+        if self.summary is None:
+            raise OutputIntegrityError("the answer ended without its summary")
+        if self._buffers:
+            pending = ", ".join(
+                f"{self._name(kind)} ({len(buffer)} of {self._totals[kind]} bytes)"
+                for kind, buffer in sorted(self._buffers.items())
+            )
+            raise OutputIntegrityError(f"the answer ended before the end of {pending}")
+        response = pb.ReadResponse()
+        response.CopyFrom(self.summary)
+        response.dicom_sr = self._complete.get(pb.DICOM_SR, b"")
+        response.dicom_seg = self._complete.get(pb.DICOM_SEG, b"")
+        return response
+
+
+def assemble(parts: Iterable[pb.ReadResponsePart]) -> pb.ReadResponse:
+    """:class:`OutputAssembler` over a whole ReadStreamed answer."""
+    assembler = OutputAssembler()
+    for part in parts:
+        assembler.add(part)
+    return assembler.result()
 
 
 def channel_credentials(
@@ -138,6 +249,39 @@ class ReadingClient:
         return self.stub.Read(
             iter_requests(header, payloads, progress=progress), timeout=timeout_s, metadata=self.metadata
         )
+
+    def read_streamed(
+        self,
+        payloads: Sequence[bytes | Path],
+        *,
+        payload_kind: int = pb.DICOM_FILES,
+        model: str = "",
+        model_version: str = "",
+        priority: int = pb.ROUTINE,
+        request_id: str = "",
+        timeout_s: float | None = None,
+        progress: Callable[[int], None] | None = None,
+        **header_fields: object,
+    ) -> pb.ReadResponse:
+        """As :meth:`read`, through ReadStreamed: DICOM outputs of any size come back in chunks, reassembled and
+        checked (size, SHA-256) into the ReadResponse that Read would give. Raises grpc.RpcError for the read's
+        status and :class:`OutputIntegrityError` when the chunks do not add up (the call is then cancelled)."""
+        header = pb.ReadHeader(
+            model=model,
+            model_version=model_version,
+            request_id=request_id,
+            priority=priority,
+            payload=payload_kind,
+            **header_fields,
+        )
+        call = self.stub.ReadStreamed(
+            iter_requests(header, payloads, progress=progress), timeout=timeout_s, metadata=self.metadata
+        )
+        try:
+            return assemble(call)
+        except OutputIntegrityError:
+            call.cancel()
+            raise
 
     def read_referenced(
         self,
