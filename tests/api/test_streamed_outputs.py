@@ -248,3 +248,21 @@ def test_health_watch_and_reflection_still_stream_through_the_error_interceptor(
     status, services = asyncio.run(main())
     assert status == health_pb2.HealthCheckResponse.SERVING
     assert services == [reflection.SERVICE_NAME]
+
+
+def test_a_client_that_leaves_mid_stream_is_recorded_cancelled_and_its_read_leaves_the_in_flight_count():
+    servicer = canned(blob(10), blob(2 * MiB))  # 32 chunks of 64 KiB
+
+    async def scenario(stub):
+        call = stub.ReadStreamed(requests())
+        first = await call.read()
+        call.cancel()
+        for _ in range(100):  # the server learns of the cancellation asynchronously
+            if servicer.in_flight == 0:
+                break
+            await asyncio.sleep(0.05)
+        return first, servicer.in_flight
+
+    (first, in_flight), records = run_against_servicer(servicer, scenario)
+    assert first.HasField("summary") and in_flight == 0
+    assert [r.code for r in records] == ["CANCELLED"]
