@@ -14,7 +14,9 @@ task                   detection when ``network_def`` is a RetinaNet (or the con
                        else segmentation
 modalities             metadata ``network_data_format.inputs.*.modality`` (or a top-level ``modality``;
                        ``format: hounsfield`` means CT); default CT
-labels                 metadata ``network_data_format.outputs.*.channel_def`` without "background"
+labels                 metadata ``network_data_format.outputs.*.channel_def`` without "background"; a detection
+                       bundle whose output names no class gets "lesion" (the zoo's lung_nodule_ct_detection: its
+                       output is a dict of boxes; ``{"radserve": {"labels": ["nodule"]}}`` renames it)
 preprocessing          ``Spacingd.pixdim`` -> spacing_mm; ``ScaleIntensityRanged`` a_min/a_max/b_min/b_max/clip;
                        ``NormalizeIntensityd`` -> zscore. ``Orientationd`` must be RAS (radserve always reorients
                        to RAS); loading, channel-first and type conversions are radserve's own. Any other
@@ -22,10 +24,15 @@ preprocessing          ``Spacingd.pixdim`` -> spacing_mm; ``ScaleIntensityRanged
                        read silently wrong
 inferer                ``inferer.roi_size``/``overlap`` (SlidingWindowInferer), or the detection layout's
                        ``infer_patch_size`` and ``detector_ops`` ``set_sliding_window_inferer(overlap=...)``;
-                       ``sw_batch_size`` -> batching.max_batch_size
+                       ``sw_batch_size`` -> batching.max_batch_size. How windows are combined stays radserve's
+                       (segmentation: gaussian blending, where MONAI's SlidingWindowInferer defaults to
+                       constant; detection: per-patch boxes merged by NMS)
 detector               ``anchor_generator`` feature_map_scales/base_anchor_shapes and ``size_divisible``
-postprocessing         detection: ``set_box_selector_parameters(nms_thresh=...)`` -> nms_iou; the score threshold
-                       stays radserve's default (the zoo's 0.02 is an FROC-evaluation setting)
+postprocessing         detection: ``set_box_selector_parameters(nms_thresh=...)`` -> nms_iou; the score threshold,
+                       top-k and detections per image stay radserve's (the zoo's score_thresh=0.02 and
+                       detections_per_img=300 are FROC-evaluation settings). radserve's postprocessing replaces
+                       the bundle's (Activationsd/AsDiscreted/Invertd/SaveImaged, boxes to world coordinates):
+                       findings in LPS mm
 network                built from ``network_def`` by MONAI's ConfigParser (``ModelConfig.network_factory``);
                        ``network.target`` is the marker ``bundle:network_def``
 =====================  ===========================================================================================
@@ -38,11 +45,15 @@ Trust model: a bundle is code. MONAI's ConfigParser evaluates ``$`` expressions 
 imports the modules a config names, and a TorchScript file is a program. Bundles are therefore loaded only
 from the server's own filesystem, by an operator (the model repository, or ``radserve models load DIR``),
 never uploaded by clients. Beyond what the parser does for the ids radserve asks for, nothing runs: only
-``network_def`` is instantiated and a few leaves (pixdim, a_min, roi_size, anchor shapes...) are resolved;
-``evaluating``, ``initialize``, ``run``, handlers, data loaders, the bundle's own inferer and postprocessing
-are never instantiated; the bundle's ``scripts/`` folder is not put on ``sys.path``; ``detector_ops``
-expressions are read with ``ast`` (literal arguments only), never evaluated; state dicts are loaded with
-``torch.load(weights_only=True)``.
+``network_def`` is instantiated and a few leaves (pixdim, a_min, roi_size, anchor shapes...) are resolved.
+The ``$`` expressions that do run are therefore: the config's ``$import`` statements (MONAI runs them all
+before resolving any id), those ``network_def`` depends on (the zoo's lung bundle builds its ResNet50 and FPN
+in ``backbone`` and ``feature_extractor`` expressions), and those the leaves refer to (its
+``"_disabled_": "@whether_resampled_luna16"`` is ``$(not @whether_raw_luna16)``). ``device``, ``network``,
+datalists, ``evaluating``, ``initialize``, ``run``, handlers, data loaders, checkpoint loaders, the bundle's
+own inferer and postprocessing are never resolved; the bundle's ``scripts/`` folder is not put on
+``sys.path``; ``detector_ops`` expressions are read with ``ast`` (literal arguments only), never evaluated;
+state dicts are loaded with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -152,11 +163,28 @@ def _parser(path: Path) -> Any:
 
     parser = ConfigParser()
     if (path / METADATA).is_file():
-        parser.read_meta(str(path / METADATA))
+        parser.read_meta(_renamed_deprecated_ids(_metadata(path)))
     parser.read_config(str(config_file(path)))
     # The zoo's configs use "bundle_root": "." (the working directory); point it at the bundle.
     parser["bundle_root"] = str(path)
     return parser
+
+
+def _renamed_deprecated_ids(meta: dict[str, Any]) -> dict[str, Any]:
+    """metadata.json with MONAI's deprecated keys renamed, as ``read_meta`` would, without its UserWarning.
+
+    The zoo's published metadata still says ``optional_packages_version``; MONAI renames it with a warning on
+    every parse (twice per load here), which an operator cannot act on.
+    """
+    try:
+        from monai.bundle.utils import DEPRECATED_ID_MAPPING
+    except ImportError:  # an older or newer MONAI without the mapping: read_meta does what it does
+        return meta
+    meta = dict(meta)
+    for old, new in DEPRECATED_ID_MAPPING.items():
+        if old in meta and new not in meta:
+            meta[new] = meta.pop(old)
+    return meta
 
 
 _MISSING = object()
