@@ -1,9 +1,11 @@
 """MONAI bundles (model-zoo layout) as models: mapping, the trust boundary, and a real server loading one.
 
-The bundles are written here, in the layout and with the architectures of the zoo's spleen_ct_segmentation and
-lung_nodule_ct_detection (random weights of the right shapes: nothing is downloaded). The published lung
-detector (RetinaNet over ResNet50 + a 256-channel FPN) is mapped but not built: on a CPU it is too slow for a
-test; a reduced variant of the same config structure is built and run instead.
+The configs are the published ones of the MONAI model zoo's spleen_ct_segmentation and lung_nodule_ct_detection,
+copied byte for byte into tests/modelrepo/zoo/ (Project-MONAI/model-zoo, Apache-2.0; commits and versions in
+zoo/README.md); the weights are random, of the right shapes (nothing is downloaded). The published lung detector
+(RetinaNet over ResNet50 + a 256-channel FPN, 20.9 M parameters) is mapped, built and given weights here and by
+a real server, but not run: a forward over its 512 x 512 x 192 patch is minutes on a CPU. A reduced variant of
+the same published config (a thin backbone and FPN, small patches) is built and run instead.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,7 @@ from inference.cli import main as cli_main
 from inference.client import ReadingClient
 from inference.modelrepo.bundle import load_bundle
 from inference.modelrepo.registry import build_runner, task_class
-from inference.modelrepo.schema import BUNDLE_NETWORK_TARGET, ModelConfig
+from inference.modelrepo.schema import BUNDLE_NETWORK_TARGET, ModelConfig, PostprocessConfig
 from inference.phantoms import make_chest_ct
 from inference.serverproc import ServerProcess
 from inference.tasks.detection import DetectionTask
@@ -33,6 +36,12 @@ ROOT = Path(__file__).resolve().parents[2]
 LUNG = ROOT / "models" / "lung_nodule_ct" / "1"
 CPU = torch.device("cpu")
 
+# The published configs (see zoo/README.md): the newest versions held whole, and the lung bundle's 0.1.1.
+ZOO = Path(__file__).resolve().with_name("zoo")
+SPLEEN_ZOO = ZOO / "spleen_ct_segmentation"  # metadata 0.5.9
+LUNG_ZOO = ZOO / "lung_nodule_ct_detection"  # metadata 0.6.8, inference.json of 0.5.7-0.5.9
+LUNG_ZOO_0_1_1 = ZOO / "lung_nodule_ct_detection-0.1.1"
+
 # Expressions a bundle may carry that radserve must never run (it only builds network_def).
 TRAPS = {
     "initialize": ["$open(@bundle_root + '/PWNED_initialize', 'w').write('x')"],
@@ -40,242 +49,48 @@ TRAPS = {
     "evaluating": ["$open(@bundle_root + '/PWNED_evaluating', 'w').write('x')"],
 }
 
-SPLEEN_METADATA = {
-    "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json",
-    "version": "0.5.3",
-    "monai_version": "1.3.0",
-    "name": "Spleen CT segmentation",
-    "task": "Decathlon spleen segmentation",
-    "description": "A pre-trained model for volumetric (3D) segmentation of the spleen from CT image",
-    "network_data_format": {
-        "inputs": {
-            "image": {
-                "type": "image",
-                "format": "hounsfield",
-                "modality": "CT",
-                "num_channels": 1,
-                "spatial_shape": [96, 96, 96],
-                "dtype": "float32",
-                "value_range": [0, 1],
-                "is_patch_data": True,
-                "channel_def": {"0": "image"},
-            }
-        },
-        "outputs": {
-            "pred": {
-                "type": "image",
-                "format": "segmentation",
-                "num_channels": 2,
-                "spatial_shape": [96, 96, 96],
-                "dtype": "float32",
-                "value_range": [0, 1],
-                "is_patch_data": True,
-                "channel_def": {"0": "background", "1": "spleen"},
-            }
-        },
-    },
-}
 
-SPLEEN_INFERENCE = {
-    "imports": ["$import glob", "$import os"],
-    "bundle_root": ".",
-    "output_dir": "$@bundle_root + '/eval'",
-    "dataset_dir": "/workspace/data/Task09_Spleen",
-    "datalist": "$list(sorted(glob.glob(@dataset_dir + '/imagesTs/*.nii.gz')))",
-    "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-    "network_def": {
-        "_target_": "UNet",
-        "spatial_dims": 3,
-        "in_channels": 1,
-        "out_channels": 2,
-        "channels": [16, 32, 64, 128, 256],
-        "strides": [2, 2, 2, 2],
-        "num_res_units": 2,
-        "norm": "batch",
-    },
-    "network": "$@network_def.to(@device)",
-    "preprocessing": {
-        "_target_": "Compose",
-        "transforms": [
-            {"_target_": "LoadImaged", "keys": "image"},
-            {"_target_": "EnsureChannelFirstd", "keys": "image"},
-            {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
-            {"_target_": "Spacingd", "keys": "image", "pixdim": [1.5, 1.5, 2.0], "mode": "bilinear"},
-            {
-                "_target_": "ScaleIntensityRanged",
-                "keys": "image",
-                "a_min": -57,
-                "a_max": 164,
-                "b_min": 0,
-                "b_max": 1,
-                "clip": True,
-            },
-            {"_target_": "EnsureTyped", "keys": "image"},
-        ],
-    },
-    "dataset": {
-        "_target_": "Dataset",
-        "data": "$[{'image': i} for i in @datalist]",
-        "transform": "@preprocessing",
-    },
-    "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "num_workers": 4},
-    "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [96, 96, 96], "sw_batch_size": 4, "overlap": 0.5},
-    "postprocessing": {
-        "_target_": "Compose",
-        "transforms": [
-            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
-        ],
-    },
-    "evaluator": {
-        "_target_": "SupervisedEvaluator",
-        "device": "@device",
-        "val_data_loader": "@dataloader",
-        "network": "@network",
-        "inferer": "@inferer",
-        "postprocessing": "@postprocessing",
-    },
-    **TRAPS,
-}
-
-LUNG_METADATA = {
-    "version": "0.6.5",
-    "name": "Lung nodule CT detection",
-    "description": "A pre-trained model for volumetric (3D) detection of the lung lesion from CT image",
-    "network_data_format": {
-        "inputs": {
-            "image": {
-                "type": "image",
-                "format": "magnitude",
-                "modality": "CT",
-                "num_channels": 1,
-                "spatial_shape": [192, 192, 80],
-                "is_patch_data": True,
-                "channel_def": {"0": "image"},
-            }
-        },
-        "outputs": {
-            "box": {"type": "object", "format": "bounding box", "num_channels": 6},
-            "label": {"type": "object", "format": "label", "num_channels": 1, "channel_def": {"0": "nodule"}},
-        },
-    },
-}
-
-# The published configs/inference.json structure of lung_nodule_ct_detection (ResNet50 backbone).
-LUNG_INFERENCE = {
-    "whether_raw_luna16": False,
-    "whether_resampled_luna16": "$(not @whether_raw_luna16)",
-    "imports": ["$import numpy"],
-    "bundle_root": ".",
-    "image_key": "image",
-    "ckpt_dir": "$@bundle_root + '/models'",
-    "dataset_dir": "/datasets/LUNA16_Images_resample",
-    "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-    "amp": True,
-    "spatial_dims": 3,
-    "num_classes": 1,
-    "size_divisible": [16, 16, 8],
-    "infer_patch_size": [512, 512, 192],
-    "anchor_generator": {
-        "_target_": "monai.apps.detection.utils.anchor_utils.AnchorGeneratorWithAnchorShape",
-        "feature_map_scales": [1, 2, 4],
-        "base_anchor_shapes": [[6, 8, 4], [8, 6, 5], [10, 10, 6]],
-    },
-    "backbone": "$monai.networks.nets.resnet.resnet50(spatial_dims=3,n_input_channels=1,conv1_t_stride=[2,2,1],"
-    "conv1_t_size=[7,7,7])",
-    "feature_extractor": "$monai.apps.detection.networks.retinanet_network.resnet_fpn_feature_extractor(@backbone,3,"
-    "False,[1,2],None)",
-    "network_def": {
-        "_target_": "RetinaNet",
-        "spatial_dims": "@spatial_dims",
-        "num_classes": "@num_classes",
-        "num_anchors": 3,
-        "feature_extractor": "@feature_extractor",
-        "size_divisible": "@size_divisible",
-    },
-    "network": "$@network_def.to(@device)",
-    "detector": {
-        "_target_": "RetinaNetDetector",
-        "network": "@network",
-        "anchor_generator": "@anchor_generator",
-        "debug": False,
-        "spatial_dims": "@spatial_dims",
-        "num_classes": "@num_classes",
-        "size_divisible": "@size_divisible",
-    },
-    "detector_ops": [
-        "$@detector.set_target_keys(box_key='box', label_key='label')",
-        "$@detector.set_box_selector_parameters(score_thresh=0.02,topk_candidates_per_level=1000,nms_thresh=0.22,"
-        "detections_per_img=300)",
-        "$@detector.set_sliding_window_inferer(roi_size=@infer_patch_size,overlap=0.25,sw_batch_size=1,"
-        "mode='constant',device='cpu')",
-    ],
-    "preprocessing": {
-        "_target_": "Compose",
-        "transforms": [
-            {"_target_": "LoadImaged", "keys": "@image_key", "_disabled_": "@whether_raw_luna16"},
-            {
-                "_target_": "LoadImaged",
-                "keys": "@image_key",
-                "reader": "itkreader",
-                "affine_lps_to_ras": True,
-                "_disabled_": "@whether_resampled_luna16",
-            },
-            {"_target_": "EnsureChannelFirstd", "keys": "@image_key"},
-            {"_target_": "Orientationd", "keys": "@image_key", "axcodes": "RAS"},
-            {
-                "_target_": "Spacingd",
-                "keys": ["image"],
-                "pixdim": [0.703125, 0.703125, 1.25],
-                "padding_mode": "border",
-                "_disabled_": "@whether_resampled_luna16",
-            },
-            {
-                "_target_": "ScaleIntensityRanged",
-                "keys": "@image_key",
-                "a_min": -1024.0,
-                "a_max": 300.0,
-                "b_min": 0.0,
-                "b_max": 1.0,
-                "clip": True,
-            },
-            {"_target_": "EnsureTyped", "keys": "@image_key"},
-        ],
-    },
-    "inferer": {
-        "_target_": "scripts.detection_inferer.RetinaNetInferer",
-        "detector": "@detector",
-        "force_sliding_window": False,
-    },
-    **TRAPS,
-}
+def published(bundle: Path, name: str = "inference") -> dict:
+    return json.loads((bundle / "configs" / f"{name}.json").read_text())
 
 
-def write_bundle(directory: Path, metadata: dict, inference: dict, state_dict: dict | None = None) -> Path:
-    (directory / "configs").mkdir(parents=True)
+def copy_bundle(
+    source: Path, directory: Path, state_dict: dict | None = None, *, inference: dict | None = None
+) -> Path:
+    """``source``'s published configs/, copied byte for byte, with ``state_dict`` as models/model.pt.
+
+    ``inference`` replaces inference.json, for the variants of a published config that say how they differ.
+    """
+    shutil.copytree(source / "configs", directory / "configs")
     (directory / "models").mkdir()
-    (directory / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2))
-    (directory / "configs" / "inference.json").write_text(json.dumps(inference, indent=2))
+    if inference is not None:
+        (directory / "configs" / "inference.json").write_text(json.dumps(inference, indent=4))
     if state_dict is not None:
         torch.save(state_dict, directory / "models" / "model.pt")
     return directory
+
+
+def with_traps(config: dict) -> dict:
+    """A published config whose initialize/run/evaluating lists (replaced or added) write PWNED_* files."""
+    return {**copy.deepcopy(config), **TRAPS}
 
 
 def spleen_unet_state_dict(seed: int = 0) -> dict:
     from monai.networks.nets import UNet
 
     torch.manual_seed(seed)
-    args = {k: v for k, v in SPLEEN_INFERENCE["network_def"].items() if k != "_target_"}
+    args = {k: v for k, v in published(SPLEEN_ZOO)["network_def"].items() if k != "_target_"}
     return UNet(**args).state_dict()
 
 
 def write_spleen_bundle(directory: Path) -> Path:
-    return write_bundle(directory, SPLEEN_METADATA, SPLEEN_INFERENCE, spleen_unet_state_dict())
+    return copy_bundle(SPLEEN_ZOO, directory, spleen_unet_state_dict())
 
 
 def reduced_lung_inference() -> dict:
-    """The published structure, with a thin ResNet and a 16-channel FPN instead of ResNet50 and 256 channels."""
-    config = copy.deepcopy(LUNG_INFERENCE)
+    """The published config with a thin ResNet and a 16-channel FPN instead of ResNet50 and 256 channels, and
+    32 x 32 x 16 patches; anchors, detector settings and preprocessing as published."""
+    config = published(LUNG_ZOO)
     config["infer_patch_size"] = [32, 32, 16]
     config["backbone"] = (
         "$monai.networks.nets.resnet.ResNet(block='basic', layers=[1, 1, 1, 1], block_inplanes=[8, 16, 32, 64], "
@@ -288,6 +103,13 @@ def reduced_lung_inference() -> dict:
     return config
 
 
+def reduced_lung_state_dict() -> dict:
+    from monai.bundle import ConfigParser
+
+    torch.manual_seed(0)
+    return ConfigParser(reduced_lung_inference()).get_parsed_content("network_def").state_dict()
+
+
 def assert_no_trap_ran(directory: Path) -> None:
     assert not list(directory.glob("PWNED*")), "an initialize/run/evaluating expression of the bundle was run"
 
@@ -295,7 +117,7 @@ def assert_no_trap_ran(directory: Path) -> None:
 def test_spleen_bundle_maps_to_a_segmentation_model(tmp_path):
     bundle = write_spleen_bundle(tmp_path / "spleen_ct_segmentation")
     config = load_bundle(bundle)
-    assert (config.name, config.version, config.task) == ("spleen_ct_segmentation", "0.5.3", "segmentation")
+    assert (config.name, config.version, config.task) == ("spleen_ct_segmentation", "0.5.9", "segmentation")
     assert config.modalities == ("CT",) and config.labels == ("spleen",)
     pre = config.preprocessing
     assert pre.spacing_mm == (1.5, 1.5, 2.0) and (pre.a_min, pre.a_max, pre.b_min, pre.b_max) == (-57, 164, 0, 1)
@@ -311,51 +133,96 @@ def test_spleen_bundle_maps_to_a_segmentation_model(tmp_path):
         runner.backend._network.state_dict()["model.0.conv.unit0.conv.weight"],
         spleen_unet_state_dict()["model.0.conv.unit0.conv.weight"],
     )
-    assert_no_trap_ran(bundle)
 
 
-def test_published_lung_nodule_detection_config_maps_without_building_the_network(tmp_path):
-    bundle = write_bundle(tmp_path / "lung_nodule_ct_detection", LUNG_METADATA, LUNG_INFERENCE, {})
-    config = load_bundle(bundle)
-    assert (config.name, config.version, config.task) == ("lung_nodule_ct_detection", "0.6.5", "detection")
-    assert config.modalities == ("CT",) and config.labels == ("nodule",)
+@pytest.mark.parametrize(
+    ("source", "version"), [(LUNG_ZOO, "0.6.8"), (LUNG_ZOO_0_1_1, "0.1.1")], ids=["newest", "0.1.1"]
+)
+def test_published_lung_nodule_detection_config_maps(tmp_path, source, version):
+    # 0.1.1's metadata has no "name": the directory's name is the model's.
+    bundle = copy_bundle(source, tmp_path / "lung_nodule_ct_detection", {})
+    with warnings.catch_warnings():
+        # The published metadata's deprecated "optional_packages_version" is renamed without MONAI's warning.
+        warnings.filterwarnings("error", "Detected deprecated name", UserWarning)
+        config = load_bundle(bundle)
+    assert (config.name, config.version, config.task) == ("lung_nodule_ct_detection", version, "detection")
+    # Its output is a dict of boxes with no channel_def: the one class gets radserve's name for it.
+    assert config.modalities == ("CT",) and config.labels == ("lesion",)
     # Its Spacingd is disabled for pre-resampled LUNA16 data; radserve resamples to that spacing itself.
-    assert config.preprocessing.spacing_mm == (0.703125, 0.703125, 1.25)
-    assert (config.preprocessing.a_min, config.preprocessing.a_max) == (-1024.0, 300.0)
+    pre = config.preprocessing
+    assert pre.spacing_mm == (0.703125, 0.703125, 1.25)
+    assert (pre.a_min, pre.a_max, pre.b_min, pre.b_max, pre.clip, pre.normalize) == (-1024, 300, 0, 1, True, "window")
     assert config.inferer.roi_size == (512, 512, 192) and config.inferer.overlap == 0.25
     assert config.detector.feature_map_scales == (1, 2, 4)
     assert config.detector.base_anchor_shapes == ((6, 8, 4), (8, 6, 5), (10, 10, 6))
     assert config.detector.size_divisible == (16, 16, 8)
     assert config.postprocessing.nms_iou == 0.22 and config.batching.max_batch_size == 1
-    assert config.network.args["num_classes"] == 1 and config.network.args["in_channels"] == 1
+    # score_thresh=0.02 and detections_per_img=300 are FROC-evaluation settings: radserve keeps its own.
+    defaults = PostprocessConfig()
+    assert config.postprocessing.score_threshold == defaults.score_threshold
+    assert config.postprocessing.max_detections == defaults.max_detections
+    assert config.network.args == {"spatial_dims": 3, "num_classes": 1, "num_anchors": 3, "in_channels": 1}
     assert issubclass(task_class(config), DetectionTask)
-    assert_no_trap_ran(bundle)
+
+
+def test_published_lung_nodule_detection_network_builds_and_takes_weights_of_its_shapes(tmp_path):
+    """The published network_def (both versions) builds, without running, and loads a model.pt of its shapes."""
+    bundle = copy_bundle(LUNG_ZOO, tmp_path / "lung_nodule_ct_detection", {})
+    torch.manual_seed(0)
+    network = load_bundle(bundle).network_factory()
+    assert type(network).__name__ == "RetinaNet"
+    assert 20_000_000 < sum(p.numel() for p in network.parameters()) < 22_000_000
+    conv1 = network.feature_extractor.body.conv1  # ResNet50's stem, as the published backbone expression says
+    assert (conv1.kernel_size, conv1.stride) == ((7, 7, 7), (2, 2, 1))
+    assert network.feature_extractor.out_channels == 256
+    assert (network.num_anchors, network.num_classes) == (3, 1)
+    state = network.state_dict()
+    torch.save(state, bundle / "models" / "model.pt")
+    runner = build_runner(load_bundle(bundle), CPU)  # the registry's path: network_def, then model.pt
+    loaded = runner.backend._network.state_dict()
+    assert loaded.keys() == state.keys()
+    assert torch.equal(loaded["feature_extractor.body.conv1.weight"], state["feature_extractor.body.conv1.weight"])
+    old = copy_bundle(LUNG_ZOO_0_1_1, tmp_path / "lung_nodule_ct_detection-0.1.1", {})
+    load_bundle(old).network_factory().load_state_dict(state)  # 0.1.1 builds the same network
 
 
 def test_reduced_lung_detection_bundle_builds_and_runs_through_the_detection_task(tmp_path):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser(reduced_lung_inference())
-    torch.manual_seed(0)
-    state = parser.get_parsed_content("network_def").state_dict()
-    bundle = write_bundle(tmp_path / "lung_small", LUNG_METADATA, reduced_lung_inference(), state)
+    state = reduced_lung_state_dict()
+    bundle = copy_bundle(LUNG_ZOO, tmp_path / "lung_small", state, inference=reduced_lung_inference())
     config = load_bundle(bundle)
+    assert config.inferer.roi_size == (32, 32, 16)
     runner = build_runner(config, CPU)
     assert type(runner.backend._network).__name__ == "RetinaNet"
     assert sum(p.numel() for p in runner.backend._network.parameters()) < 500_000
     assert runner.warmup() > 0  # one forward on a (1, 32, 32, 16) patch, decoded by the DetectionTask
+
+
+def test_bundle_expressions_outside_network_def_never_run(tmp_path):
+    """initialize/run/evaluating (the published lists replaced by traps) stay unrun through mapping and building.
+
+    So does the lung config's published test_datalist, which reads a file missing here: resolved, it would fail.
+    """
+    spleen = published(SPLEEN_ZOO)
+    assert spleen["initialize"] and spleen["run"] and "evaluating" in published(LUNG_ZOO_0_1_1)
+    bundle = copy_bundle(SPLEEN_ZOO, tmp_path / "spleen", spleen_unet_state_dict(), inference=with_traps(spleen))
+    build_runner(load_bundle(bundle), CPU)
     assert_no_trap_ran(bundle)
+    lung = copy_bundle(
+        LUNG_ZOO, tmp_path / "lung", reduced_lung_state_dict(), inference=with_traps(reduced_lung_inference())
+    )
+    build_runner(load_bundle(lung), CPU)
+    assert_no_trap_ran(lung)
 
 
 def test_bundle_errors_name_what_is_wrong(tmp_path):
-    inference = copy.deepcopy(SPLEEN_INFERENCE)
-    inference["preprocessing"]["transforms"].insert(3, {"_target_": "CropForegroundd", "keys": "image"})
-    bundle = write_bundle(tmp_path / "a", SPLEEN_METADATA, inference, spleen_unet_state_dict())
+    inference = published(SPLEEN_ZOO)
+    inference["preprocessing"]["transforms"].insert(3, {"_target_": "CropForegroundd", "keys": "@image_key"})
+    bundle = copy_bundle(SPLEEN_ZOO, tmp_path / "a", spleen_unet_state_dict(), inference=inference)
     with pytest.raises(ValueError, match=r"\['CropForegroundd'\] are not supported"):
         load_bundle(bundle)
     with pytest.raises(ValueError, match=r"models/model\.pt .* are missing"):
-        load_bundle(write_bundle(tmp_path / "b", SPLEEN_METADATA, SPLEEN_INFERENCE))
-    wrong = write_bundle(tmp_path / "c", SPLEEN_METADATA, SPLEEN_INFERENCE, {"model.0.conv.weight": torch.zeros(1)})
+        load_bundle(copy_bundle(SPLEEN_ZOO, tmp_path / "b"))
+    wrong = copy_bundle(SPLEEN_ZOO, tmp_path / "c", {"model.0.conv.weight": torch.zeros(1)})
     with pytest.raises(RuntimeError, match="state_dict"):
         build_runner(load_bundle(wrong), CPU)
 
@@ -415,7 +282,7 @@ def test_spleen_bundle_loads_with_radserve_models_load_and_reads_a_ct(bundle_ser
         spleen = listing["spleen_ct_segmentation"]
         assert spleen.task == "segmentation" and list(spleen.labels) == ["spleen"]
         assert [(v.version, v.state, v.state_code) for v in spleen.versions] == [
-            ("0.5.3", "READY", pb.VERSION_STATE_READY)
+            ("0.5.9", "READY", pb.VERSION_STATE_READY)
         ]
         response = client.read(
             [volume.voxels.astype(np.float32).tobytes()],
@@ -424,7 +291,7 @@ def test_spleen_bundle_loads_with_radserve_models_load_and_reads_a_ct(bundle_ser
             model="spleen_ct_segmentation",
             timeout_s=300,
         )
-        assert (response.model, response.model_version) == ("spleen_ct_segmentation", "0.5.3")
+        assert (response.model, response.model_version) == ("spleen_ct_segmentation", "0.5.9")
         assert all(f.label == "spleen" for f in response.findings)
         # A read naming no model still goes to the CT default, lung_nodule_ct.
         assert client.list_models().default_models["CT"] == "lung_nodule_ct:1"
@@ -433,17 +300,54 @@ def test_spleen_bundle_loads_with_radserve_models_load_and_reads_a_ct(bundle_ser
     assert cli_main(["models", "unload", "spleen_ct_segmentation", "--server", bundle_server.target]) == 0
     assert cli_main(["models", "unload", "spleen_ct_segmentation", "--server", bundle_server.target]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
-    assert_no_trap_ran(bundle)
+
+
+def test_lung_nodule_bundle_loads_with_radserve_models_load_and_reads_a_ct(bundle_server, tmp_path, capsys):
+    """The published config with weights of its shapes loads (not run: a CPU forward is minutes); the reduced
+    variant of the same config loads under the same name and version and reads a chest CT."""
+    target = ["--server", bundle_server.target]
+    client = ReadingClient(bundle_server.target)
+    try:
+        bundle = copy_bundle(LUNG_ZOO, tmp_path / "lung_nodule_ct_detection", {})
+        torch.save(load_bundle(bundle).network_factory().state_dict(), bundle / "models" / "model.pt")
+        assert cli_main(["models", "load", str(bundle), *target]) == 0
+        lung = {m.name: m for m in client.list_models().models}["lung_nodule_ct_detection"]
+        assert lung.task == "detection" and list(lung.labels) == ["lesion"]
+        assert [(v.version, v.state) for v in lung.versions] == [("0.6.8", "READY")]
+        assert cli_main(["models", "unload", "lung_nodule_ct_detection", *target]) == 0
+
+        small = copy_bundle(
+            LUNG_ZOO, tmp_path / "lung_small", reduced_lung_state_dict(), inference=reduced_lung_inference()
+        )
+        assert cli_main(["models", "load", str(small), *target]) == 0
+        phantom = make_chest_ct(
+            np.random.default_rng(5), shape=(48, 48, 16), pixel_spacing_mm=1.5, slice_spacing_mm=2.5
+        )
+        volume = phantom.volume
+        raw = pb.RawArray(dtype="float32", shape=volume.shape, affine=volume.affine.ravel().tolist())
+        response = client.read(
+            [volume.voxels.astype(np.float32).tobytes()],
+            payload_kind=pb.RAW,
+            raw=raw,
+            model="lung_nodule_ct_detection",
+            timeout_s=300,
+        )
+        assert (response.model, response.model_version) == ("lung_nodule_ct_detection", "0.6.8")
+        assert all(f.label == "lesion" for f in response.findings)  # random weights: any number of them
+    finally:
+        client.close()
+        cli_main(["models", "unload", "lung_nodule_ct_detection", *target])
+    capsys.readouterr()
 
 
 @pytest.mark.filterwarnings("ignore:Converting a tensor to a Python boolean")  # tracing the tiny UNet
 def test_torchscript_bundle_loads_its_program_and_weights_from_model_ts(tmp_path):
     from monai.networks.nets import UNet
 
-    inference = copy.deepcopy(SPLEEN_INFERENCE)
+    inference = published(SPLEEN_ZOO)
     inference["network_def"].update(channels=[4, 8], strides=[2], num_res_units=0)
     inference["inferer"]["roi_size"] = [16, 16, 16]
-    bundle = write_bundle(tmp_path / "spleen_ts", SPLEEN_METADATA, inference)
+    bundle = copy_bundle(SPLEEN_ZOO, tmp_path / "spleen_ts", inference=inference)
     torch.manual_seed(0)
     network = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=[4, 8], strides=[2]).eval()
     torch.jit.trace(network, torch.zeros(1, 1, 16, 16, 16)).save(str(bundle / "models" / "model.ts"))
