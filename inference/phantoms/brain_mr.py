@@ -3,7 +3,8 @@
 The anatomy is defined analytically in DICOM patient coordinates (LPS, mm), as for the chest phantom:
 nested ellipsoids for the head (scalp), the skull, the CSF around the brain, the cortical grey matter and
 the white matter, plus two ventricles. Each lesion is a sphere, optionally lobulated with 1-3 overlapping
-bumps (like the chest nodules), brighter than white matter or darker than grey matter. The affine is
+bumps (like the chest nodules), brighter or darker than the tissue at its center (white or grey matter) by
+a drawn factor, so a dark lesion in white matter can be as dark as grey matter. The affine is
 built first; every voxel is the anatomy sampled at the LPS position of its center, so the ground truth is
 right for any orientation, flip or origin.
 
@@ -65,8 +66,11 @@ GREY_TO_WHITE_RANGE = (0.62, 0.72)
 CSF_RANGE = (100.0, 200.0)
 SKULL_RANGE = (40.0, 110.0)
 SCALP_RANGE = (650.0, 850.0)
-BRIGHT_LESION_TO_WHITE_RANGE = (1.25, 1.6)  # x white matter: brighter than any brain tissue
-DARK_LESION_TO_GREY_RANGE = (0.5, 0.8)  # x grey matter: darker than any brain tissue, brighter than CSF
+# Lesion intensity x the tissue at the lesion's center (white matter, else grey matter). Bright lesions in white
+# matter are brighter than any brain tissue; dark ones in white matter overlap grey matter: only their shape and
+# place tell them from cortex. Dark lesions stay brighter than CSF.
+BRIGHT_LESION_TO_LOCAL_RANGE = (1.25, 1.6)
+DARK_LESION_TO_LOCAL_RANGE = (0.5, 0.8)
 NOISE_SIGMA_TO_WHITE_RANGE = (0.015, 0.04)
 BIAS_AMPLITUDE_RANGE = (0.05, 0.2)  # typical relative deviation of the bias field across the head
 
@@ -351,6 +355,7 @@ def sample_brain_mr_params(
         shape,
         half,
         named["grey matter"].region,
+        named["white matter"].region,
         white,
         grey,
         n_lesions,
@@ -502,6 +507,7 @@ def _draw_lesions(
     shape: tuple[int, int, int],
     half: np.ndarray,
     brain: Ellipsoid,
+    white_matter: Ellipsoid,
     white: float,
     grey: float,
     n_lesions: int | None,
@@ -549,10 +555,9 @@ def _draw_lesions(
             geometry = BallUnion(tuple(_vec3(center + o) for o in offsets), tuple(float(r) for r in radii))
             if _fits(geometry, brain, [p.geometry for p in placed], margin, inverse, spacing, shape):
                 contrast = contrasts[index] if contrasts is not None else str(rng.choice(CONTRASTS))
-                intensity = (
-                    white * rng.uniform(*BRIGHT_LESION_TO_WHITE_RANGE)
-                    if contrast == "bright"
-                    else grey * rng.uniform(*DARK_LESION_TO_GREY_RANGE)
+                local = white if white_matter.contains(*center) else grey
+                intensity = local * rng.uniform(
+                    *(BRIGHT_LESION_TO_LOCAL_RANGE if contrast == "bright" else DARK_LESION_TO_LOCAL_RANGE)
                 )
                 placed.append(BrainLesion(geometry, float(intensity), contrast))
                 break

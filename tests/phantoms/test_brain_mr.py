@@ -60,10 +60,12 @@ def test_planted_lesions_are_where_the_truth_says(seed, orientation):
         assert truth.label == "lesion"
         center = np.asarray(truth.center_mm)
         value = voxel_at(volume, center)
+        # The tissue the lesion sits in (its center): the reference of its contrast.
+        local = white if params.tissue("white matter").region.contains(*center) else grey
         if lesion.contrast == "bright":
-            assert value > 1.2 * white, truth
+            assert value > 1.2 * local, truth
         else:
-            assert value < 0.85 * grey, truth
+            assert value < 0.85 * local, truth
         # The voxels whose centers lie in the lesion: centroid and volume as planted, through the affine.
         ijk = np.argwhere(labels == n)
         centroid_mm = volume.voxel_to_lps(ijk.mean(axis=0))[0]
@@ -74,8 +76,9 @@ def test_planted_lesions_are_where_the_truth_says(seed, orientation):
             direction = sign * volume.affine[:3, axis] / np.linalg.norm(volume.affine[:3, axis])
             point = center + (0.5 * truth.diameter_mm + 3.0) * direction
             index = np.rint(volume.lps_to_voxel(point)[0]).astype(int)
-            if np.all(index >= 0) and np.all(index < volume.shape) and not mask[tuple(index)]:
-                assert abs(voxel_at(volume, point) - lesion.intensity) > 0.15 * white
+            inside = np.all(index >= 0) and np.all(index < volume.shape) and not mask[tuple(index)]
+            if inside and params.tissue("white matter").region.contains(*point) == (local == white):
+                assert abs(voxel_at(volume, point) - lesion.intensity) > 0.15 * local  # the same tissue around it
 
 
 def test_bias_and_noise_are_smooth_and_bounded():
