@@ -24,9 +24,9 @@ preprocessing          ``Spacingd.pixdim`` -> spacing_mm; ``ScaleIntensityRanged
                        read silently wrong
 inferer                ``inferer.roi_size``/``overlap`` (SlidingWindowInferer), or the detection layout's
                        ``infer_patch_size`` and ``detector_ops`` ``set_sliding_window_inferer(overlap=...)``;
-                       ``sw_batch_size`` -> batching.max_batch_size. How windows are combined stays radserve's
-                       (segmentation: gaussian blending, where MONAI's SlidingWindowInferer defaults to
-                       constant; detection: per-patch boxes merged by NMS)
+                       ``sw_batch_size`` -> batching.max_batch_size; segmentation: ``inferer.mode`` (gaussian or
+                       constant, MONAI's default) -> inferer.mode, the blending of overlapping windows;
+                       detection: per-patch boxes merged by NMS
 detector               ``anchor_generator`` feature_map_scales/base_anchor_shapes and ``size_divisible``
 postprocessing         detection: ``set_box_selector_parameters(nms_thresh=...)`` -> nms_iou; the score threshold,
                        top-k and detections per image stay radserve's (the zoo's score_thresh=0.02 and
@@ -423,10 +423,12 @@ def load_bundle(path: Path, *, name: str | None = None, version: str | None = No
     inferer = parser.get("inferer") if _has(parser, "inferer") else None
     detector_ops = parser.get("detector_ops") if _has(parser, "detector_ops") else []
     window = _literal_kwargs(detector_ops, "set_sliding_window_inferer")
+    mode = None
     if isinstance(inferer, dict) and "roi_size" in inferer:
         roi = _resolve(parser, "inferer#roi_size")
         overlap = _resolve(parser, "inferer#overlap", 0.25)
         sw_batch = _resolve(parser, "inferer#sw_batch_size", None)
+        mode = _resolve(parser, "inferer#mode", "constant")  # MONAI SlidingWindowInferer's default
     elif _has(parser, "infer_patch_size"):
         roi = _resolve(parser, "infer_patch_size")
         overlap = window.get("overlap", 0.25)
@@ -437,6 +439,8 @@ def load_bundle(path: Path, *, name: str | None = None, version: str | None = No
     if roi is None:
         raise ValueError("bundle has no inferer.roi_size, infer_patch_size or input spatial_shape")
     data["inferer"] = {"roi_size": _ints(roi, "roi_size"), "overlap": float(overlap)}
+    if mode is not None and not detection:  # detection merges per-patch boxes by NMS, not blended maps
+        data["inferer"]["mode"] = str(mode)
     if sw_batch:
         data["batching"] = {"max_batch_size": int(sw_batch)}
 

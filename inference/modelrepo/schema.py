@@ -34,6 +34,7 @@ def _positive(name: str, value: float) -> None:
 
 
 NORMALIZE_MODES = ("window", "zscore", "zscore_foreground", "percentile")
+BLEND_MODES = ("gaussian", "constant")
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,13 @@ class NetworkConfig:
 class InfererConfig:
     roi_size: tuple[int, ...] = (96, 96, 96)
     overlap: float = 0.25
+    # How overlapping segmentation windows are blended: MONAI's importance maps. "gaussian" weighs patch centers
+    # over edges (radserve's models); "constant" is the plain mean, MONAI SlidingWindowInferer's default.
+    mode: str = "gaussian"
 
     def __post_init__(self) -> None:
+        if self.mode not in BLEND_MODES:
+            raise ValueError(f"inferer.mode must be one of {BLEND_MODES}, got {self.mode!r}")
         for s in self.roi_size:
             if int(s) != s or s < 8:
                 raise ValueError(f"inferer.roi_size entries must be integers >= 8, got {self.roi_size!r}")

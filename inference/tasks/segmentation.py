@@ -26,7 +26,7 @@ from inference.engine.patches import PatchPlan, extract_patches, plan_patches
 from inference.engine.preprocess import preprocess
 from inference.engine.task import PreparedStudy, Task
 from inference.io.volume import Volume
-from inference.modelrepo.schema import ModelConfig
+from inference.modelrepo.schema import BLEND_MODES, ModelConfig
 from inference.postprocess.finding import Finding
 from inference.tasks.detection import instantiate_network
 
@@ -42,7 +42,6 @@ __all__ = [
     "stitch_patches",
 ]
 
-BLEND_MODES = ("gaussian", "constant")
 GAUSSIAN_SIGMA_SCALE = 0.125  # of the ROI size, MONAI's sliding-window default
 # Face, edge and corner neighbours: a lesion is never split by a one-voxel diagonal bridge.
 CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
@@ -87,12 +86,14 @@ class SegmentationTask(Task):
         device: torch.device,
         *,
         score_threshold: float | None = None,
-        blend_mode: str = "gaussian",
+        blend_mode: str | None = None,
     ) -> None:
-        """``score_threshold`` overrides ``postprocessing.score_threshold`` (threshold tuning)."""
+        """``score_threshold`` overrides ``postprocessing.score_threshold`` (threshold tuning), ``blend_mode``
+        ``inferer.mode``."""
         super().__init__(config, device)
         if config.task != "segmentation":
             raise ValueError(f"model {config.name!r} is a {config.task} model, not a segmentation model")
+        blend_mode = config.inferer.mode if blend_mode is None else blend_mode
         if blend_mode not in BLEND_MODES:
             raise ValueError(f"blend_mode must be one of {BLEND_MODES}, got {blend_mode!r}")
         self.roi_size = tuple(int(s) for s in config.inferer.roi_size)

@@ -123,6 +123,9 @@ def test_spleen_bundle_maps_to_a_segmentation_model(tmp_path):
     assert pre.spacing_mm == (1.5, 1.5, 2.0) and (pre.a_min, pre.a_max, pre.b_min, pre.b_max) == (-57, 164, 0, 1)
     assert pre.clip and pre.normalize == "window"
     assert config.inferer.roi_size == (96, 96, 96) and config.inferer.overlap == 0.5
+    # The published SlidingWindowInferer names no mode: MONAI's default, the plain mean of overlapping windows.
+    assert config.inferer.mode == "constant"
+    assert SegmentationTask(config, CPU).importance_map.unique().tolist() == [1.0]
     assert config.batching.max_batch_size == 4
     assert config.network.target == BUNDLE_NETWORK_TARGET and config.weights_path == bundle / "models" / "model.pt"
     assert config.network.args == {"spatial_dims": 3, "in_channels": 1, "out_channels": 2}

@@ -31,7 +31,7 @@ SAGITTAL_FLIPPED = np.array(
 )
 
 
-def tiny_config(**postprocessing) -> ModelConfig:
+def tiny_config(inferer: dict | None = None, **postprocessing) -> ModelConfig:
     """A segmentation model.yaml whose network is never built: the tests bring their own."""
     return ModelConfig.from_dict(
         {
@@ -42,7 +42,7 @@ def tiny_config(**postprocessing) -> ModelConfig:
             # A window, so that a 0/1000 phantom maps to [0, 1] and a threshold network finds its mid-contour.
             "preprocessing": {"spacing_mm": [1.5, 1.5, 1.5], "a_min": 0.0, "a_max": 1000.0},
             "network": {"target": "monai.networks.nets.UNet", "args": {"in_channels": 1, "out_channels": 2}},
-            "inferer": {"roi_size": [32, 32, 24], "overlap": 0.25},
+            "inferer": {"roi_size": [32, 32, 24], "overlap": 0.25, **(inferer or {})},
             "postprocessing": {"score_threshold": 0.5, **postprocessing},
         },
         version="1",
@@ -156,6 +156,17 @@ def test_no_finding_leaves_an_empty_mask():
     results = task.split_outputs(ThresholdNetwork()(torch.stack(prepared.items)), len(prepared.items))
     assert task.finalize(volume, prepared, results) == []
     assert prepared.context.masks["lesion"].shape == volume.shape and not prepared.context.masks["lesion"].any()
+
+
+def test_the_blend_mode_comes_from_the_model_yaml_and_unknown_modes_are_refused():
+    config = tiny_config()
+    assert config.inferer.mode == "gaussian"
+    weights = SegmentationTask(config, torch.device("cpu")).importance_map
+    assert weights.max() > 10 * weights.min()  # gaussian: a patch's center outweighs its corners
+    constant = tiny_config(inferer={"mode": "constant"})
+    assert SegmentationTask(constant, torch.device("cpu")).importance_map.unique().tolist() == [1.0]
+    with pytest.raises(ValueError, match=r"inferer\.mode must be one of \('gaussian', 'constant'\), got 'median'"):
+        tiny_config(inferer={"mode": "median"})
 
 
 def test_the_bundled_model_is_a_segmentation_task():
