@@ -44,6 +44,8 @@ from pydicom.uid import (
 
 from inference.io.volume import Volume
 from inference.phantoms.base import Phantom, PlantedLesion
+from inference.phantoms.geometry import spacing_pair
+from inference.phantoms.lesions import LesionNames, place_by_rejection, requested_diameters
 from inference.phantoms.writers import _check_transfer_syntax, _ds, _file_meta
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ PHOTOMETRICS = ("MONOCHROME2", "MONOCHROME1")
 BITS_STORED_CHOICES = (12, 16)
 SPACING_TAGS = ("ImagerPixelSpacing", "PixelSpacing", "both")
 OPACITY_LABEL = "opacity"
+OPACITY_NAMES = LesionNames("opacity", "opacities", region="lungs", inside="the lung fields")
 
 # Ranges drawn from when an argument is left None.
 SIZE_RANGE_PX = (1024, 3000)
@@ -67,7 +70,6 @@ NOISE_SIGMA_RANGE = (0.02, 0.06)  # attenuation units, per pixel of the native g
 ATTENUATION_REF = 2.0  # attenuation mapped to ``value_high``
 CLAVICLE_ATTENUATION = 0.25
 _MIN_SIZE_PX = 64
-_PLACEMENT_ATTEMPTS = 400
 _RIM_SAMPLES = 48  # points on an opacity's rim tested against the anatomy when placing it
 _STUDY_DATE, _STUDY_TIME = "20250101", "120000"
 
@@ -254,11 +256,7 @@ def sample_chest_xray_params(
         low = max(PIXEL_SPACING_RANGE_MM[0], FOV_RANGE_MM[0] / min(size_px))
         high = min(PIXEL_SPACING_RANGE_MM[1], FOV_RANGE_MM[1] / max(size_px))
         pixel_spacing_mm = float(rng.uniform(low, high)) if low < high else float(np.clip(low, *PIXEL_SPACING_RANGE_MM))
-    spacing = (
-        (float(pixel_spacing_mm), float(pixel_spacing_mm))
-        if np.isscalar(pixel_spacing_mm)
-        else (float(pixel_spacing_mm[0]), float(pixel_spacing_mm[1]))  # type: ignore[index]
-    )
+    spacing = spacing_pair(pixel_spacing_mm)
     if min(spacing) <= 0:
         raise ValueError(f"pixel_spacing_mm must be positive, got {pixel_spacing_mm}")
     photometric = photometric or str(rng.choice(PHOTOMETRICS))
@@ -577,53 +575,35 @@ def _draw_opacities(
     # Drawn diameters stay below what fits, with room, at the center of the narrower lung.
     largest_fit = min(min(lung.semi_axes_mm) for lung in params.lungs) - margin
     d_cap = min(OPACITY_DIAMETER_RANGE_MM[1], 2.0 * 0.7 * largest_fit)
-    if diameters_mm is not None:
-        diameters: list[float | None] = [float(d) for d in diameters_mm]
-        if n_opacities is not None and n_opacities != len(diameters):
-            raise ValueError(f"n_opacities={n_opacities} but {len(diameters)} opacity diameters given")
-        if any(d <= 0 for d in diameters):  # type: ignore[operator]
-            raise ValueError(f"opacity diameters must be positive, got {diameters_mm}")
-    else:
-        drawn_count = n_opacities is None
-        count = int(rng.integers(0, MAX_OPACITIES + 1)) if drawn_count else int(n_opacities)  # type: ignore[arg-type]
-        if count < 0:
-            raise ValueError(f"n_opacities must be >= 0, got {n_opacities}")
-        if count and d_cap < OPACITY_DIAMETER_RANGE_MM[0]:
-            if not drawn_count:
-                raise ValueError(
-                    f"lungs too small for a {OPACITY_DIAMETER_RANGE_MM[0]} mm opacity in this field of view"
-                )
-            count = 0
-        diameters = [None] * count
+    diameters = requested_diameters(
+        rng,
+        OPACITY_NAMES,
+        n_opacities,
+        diameters_mm,
+        max_count=MAX_OPACITIES,
+        min_diameter_mm=OPACITY_DIAMETER_RANGE_MM[0],
+        cap_mm=d_cap,
+    )
 
-    placed: list[Opacity] = []
-    for requested in diameters:
-        for _ in range(_PLACEMENT_ATTEMPTS):
-            diameter = requested if requested is not None else float(rng.uniform(OPACITY_DIAMETER_RANGE_MM[0], d_cap))
-            lung = params.lungs[int(rng.integers(2))]
-            angle, reach = rng.uniform(0, 2 * np.pi), math.sqrt(rng.random())
-            center = np.asarray(lung.center_mm) + np.asarray(lung.semi_axes_mm) * reach * [
-                math.cos(angle),
-                math.sin(angle),
-            ]
-            candidate = Opacity(
-                center_mm=(float(center[0]), float(center[1])),
-                diameter_mm=float(diameter),
-                contrast=float(rng.uniform(*OPACITY_CONTRAST_RANGE)),
-                profile_power=float(rng.uniform(0.5, 1.0)),
-            )
-            if _fits(candidate, lung, params, placed, margin):
-                placed.append(candidate)
-                break
-        else:
-            if diameters_mm is None and n_opacities is None:
-                logger.debug("no room for more opacities in this field of view; planting %d", len(placed))
-                break
-            raise ValueError(
-                f"could not place a {diameter:.1f} mm opacity inside the lung fields of this field of view "
-                f"next to {len(placed)} others"
-            )
-    return tuple(placed)
+    def propose(_: int, diameter: float, placed: list[Opacity]) -> Opacity | None:
+        lung = params.lungs[int(rng.integers(2))]
+        angle, reach = rng.uniform(0, 2 * np.pi), math.sqrt(rng.random())
+        center = np.asarray(lung.center_mm) + np.asarray(lung.semi_axes_mm) * reach * [math.cos(angle), math.sin(angle)]
+        candidate = Opacity(
+            center_mm=(float(center[0]), float(center[1])),
+            diameter_mm=float(diameter),
+            contrast=float(rng.uniform(*OPACITY_CONTRAST_RANGE)),
+            profile_power=float(rng.uniform(0.5, 1.0)),
+        )
+        return candidate if _fits(candidate, lung, params, placed, margin) else None
+
+    return place_by_rejection(
+        OPACITY_NAMES,
+        diameters,
+        lambda: float(rng.uniform(OPACITY_DIAMETER_RANGE_MM[0], d_cap)),
+        propose,
+        give_up_quietly=diameters_mm is None and n_opacities is None,
+    )
 
 
 def _fits(opacity: Opacity, lung: Ellipse, params: ChestXrayParams, placed: list[Opacity], margin: float) -> bool:
