@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -165,40 +166,9 @@ class BrainMRParams(SliceGrid):
         raise KeyError(f"no tissue {name!r}; tissues: {[t.name for t in self.tissues]}")
 
 
-def make_brain_mr(
-    rng: np.random.Generator | int,
-    *,
-    shape: tuple[int, int, int] | None = None,
-    pixel_spacing_mm: float | tuple[float, float] | None = None,
-    slice_spacing_mm: float | None = None,
-    n_lesions: int | None = None,
-    lesion_diameters_mm: Sequence[float] | None = None,
-    lesion_contrasts: Sequence[str] | None = None,
-    row_direction: Sequence[float] | None = None,
-    column_direction: Sequence[float] | None = None,
-    origin_mm: Sequence[float] | None = None,
-    slice_direction_sign: int | None = None,
-    noise_sigma: float | None = None,
-    bias_amplitude: float | None = None,
-) -> Phantom:
-    """A synthetic brain MR with its planted lesions; see ``sample_brain_mr_params`` for the arguments."""
-    return render_brain_mr(
-        sample_brain_mr_params(
-            rng,
-            shape=shape,
-            pixel_spacing_mm=pixel_spacing_mm,
-            slice_spacing_mm=slice_spacing_mm,
-            n_lesions=n_lesions,
-            lesion_diameters_mm=lesion_diameters_mm,
-            lesion_contrasts=lesion_contrasts,
-            row_direction=row_direction,
-            column_direction=column_direction,
-            origin_mm=origin_mm,
-            slice_direction_sign=slice_direction_sign,
-            noise_sigma=noise_sigma,
-            bias_amplitude=bias_amplitude,
-        )
-    )
+def make_brain_mr(rng: np.random.Generator | int, **options: Any) -> Phantom:
+    """A synthetic brain MR with its planted lesions: ``sample_brain_mr_params`` takes the arguments."""
+    return render_brain_mr(sample_brain_mr_params(rng, **options))
 
 
 def sample_brain_mr_params(

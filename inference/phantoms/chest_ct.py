@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -126,35 +127,9 @@ class ChestCTParams(SliceGrid):
     noise_seed: int
 
 
-def make_chest_ct(
-    rng: np.random.Generator | int,
-    *,
-    shape: tuple[int, int, int] | None = None,
-    pixel_spacing_mm: float | tuple[float, float] | None = None,
-    slice_spacing_mm: float | None = None,
-    n_nodules: int | None = None,
-    nodule_diameters_mm: Sequence[float] | None = None,
-    row_direction: Sequence[float] | None = None,
-    column_direction: Sequence[float] | None = None,
-    origin_mm: Sequence[float] | None = None,
-    slice_direction_sign: int | None = None,
-    noise_sigma_hu: float | None = None,
-) -> Phantom:
-    """A synthetic chest CT in HU with its planted nodules; see ``sample_chest_ct_params`` for the arguments."""
-    params = sample_chest_ct_params(
-        rng,
-        shape=shape,
-        pixel_spacing_mm=pixel_spacing_mm,
-        slice_spacing_mm=slice_spacing_mm,
-        n_nodules=n_nodules,
-        nodule_diameters_mm=nodule_diameters_mm,
-        row_direction=row_direction,
-        column_direction=column_direction,
-        origin_mm=origin_mm,
-        slice_direction_sign=slice_direction_sign,
-        noise_sigma_hu=noise_sigma_hu,
-    )
-    return render_chest_ct(params)
+def make_chest_ct(rng: np.random.Generator | int, **options: Any) -> Phantom:
+    """A synthetic chest CT in HU with its planted nodules: ``sample_chest_ct_params`` takes the arguments."""
+    return render_chest_ct(sample_chest_ct_params(rng, **options))
 
 
 def sample_chest_ct_params(

@@ -31,6 +31,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -197,31 +198,9 @@ class ChestXrayPhantom(Phantom):
     bits_stored: int = 16
 
 
-def make_chest_xray(
-    rng: np.random.Generator | int,
-    *,
-    size_px: tuple[int, int] | None = None,
-    pixel_spacing_mm: float | tuple[float, float] | None = None,
-    n_opacities: int | None = None,
-    opacity_diameters_mm: Sequence[float] | None = None,
-    photometric: str | None = None,
-    modality: str | None = None,
-    bits_stored: int | None = None,
-    noise_sigma: float | None = None,
-) -> ChestXrayPhantom:
-    """A synthetic chest radiograph with its planted opacities; see :func:`sample_chest_xray_params`."""
-    params = sample_chest_xray_params(
-        rng,
-        size_px=size_px,
-        pixel_spacing_mm=pixel_spacing_mm,
-        n_opacities=n_opacities,
-        opacity_diameters_mm=opacity_diameters_mm,
-        photometric=photometric,
-        modality=modality,
-        bits_stored=bits_stored,
-        noise_sigma=noise_sigma,
-    )
-    return render_chest_xray(params)
+def make_chest_xray(rng: np.random.Generator | int, **options: Any) -> ChestXrayPhantom:
+    """A synthetic chest radiograph with its planted opacities: :func:`sample_chest_xray_params` takes the arguments."""
+    return render_chest_xray(sample_chest_xray_params(rng, **options))
 
 
 def sample_chest_xray_params(
