@@ -47,7 +47,16 @@ from inference.io.volume import Volume
 from inference.phantoms.base import Phantom, PlantedLesion
 from inference.phantoms.geometry import spacing_pair
 from inference.phantoms.lesions import LesionNames, place_by_rejection, requested_diameters
-from inference.phantoms.writers import _check_transfer_syntax, _ds, _file_meta
+from inference.phantoms.writers import (
+    _check_transfer_syntax,
+    _ds,
+    _file_meta,
+    _item,
+    _percentile_window,
+    _set_image_pixel_module,
+    _set_pixels,
+    _study_header,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +81,6 @@ ATTENUATION_REF = 2.0  # attenuation mapped to ``value_high``
 CLAVICLE_ATTENUATION = 0.25
 _MIN_SIZE_PX = 64
 _RIM_SAMPLES = 48  # points on an opacity's rim tested against the anatomy when placing it
-_STUDY_DATE, _STUDY_TIME = "20250101", "120000"
 
 
 @dataclass(frozen=True)
@@ -466,28 +474,21 @@ def write_xray_dicom(
         raise ValueError(f"voxel values [{values.min()}, {values.max()}] do not fit {bits_stored} unsigned bits")
     stored = (max_value - values if photometric == "MONOCHROME1" else values).astype(np.uint16)
 
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = DigitalXRayImageStorageForPresentation if modality == "DX" else ComputedRadiographyImageStorage
-    ds.SOPInstanceUID = sop_instance_uid or generate_uid()
+    sop_instance_uid = sop_instance_uid or generate_uid()
+    ds = _study_header(
+        sop_class_uid=DigitalXRayImageStorageForPresentation if modality == "DX" else ComputedRadiographyImageStorage,
+        modality=modality,
+        series_number=1,
+        series_description="Synthetic chest PA",
+        patient_name=patient_name,
+        patient_id=patient_id,
+        accession_number=accession_number,
+        study_instance_uid=study_instance_uid,
+        series_instance_uid=series_instance_uid,
+    )
+    ds.SOPInstanceUID = sop_instance_uid
     ds.file_meta = _file_meta(ds.SOPClassUID, ds.SOPInstanceUID, transfer_syntax)
-    ds.StudyInstanceUID = study_instance_uid or generate_uid()
-    ds.SeriesInstanceUID = series_instance_uid or generate_uid()
-    ds.Modality = modality
-    ds.Manufacturer = "radserve"
-    ds.ManufacturerModelName = "synthetic phantom"
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = "19700101"
-    ds.PatientSex = "O"
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = _STUDY_DATE
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = _STUDY_TIME
-    ds.StudyID = "1"
-    ds.AccessionNumber = accession_number
-    ds.ReferringPhysicianName = ""
-    ds.SeriesNumber = 1
     ds.InstanceNumber = 1
-    ds.SeriesDescription = "Synthetic chest PA"
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = "PA"
     ds.PatientOrientation = ["L", "F"]  # rows run to the patient's left, columns to the feet
@@ -516,19 +517,12 @@ def write_xray_dicom(
     if spacing_tag in ("PixelSpacing", "both"):
         ds.PixelSpacing = spacing
 
-    low, high = np.percentile(stored, [1, 99])
-    ds.WindowCenter, ds.WindowWidth = _ds((low + high) / 2), _ds(max(high - low, 1.0))
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = 16
-    ds.BitsStored = bits_stored
-    ds.HighBit = bits_stored - 1
-    ds.PixelRepresentation = 0
-    if transfer_syntax.is_compressed:
-        ds.compress(transfer_syntax, np.ascontiguousarray(stored), generate_instance_uid=False)
-    else:
-        ds.PixelData = np.ascontiguousarray(stored).astype("<u2", copy=False).tobytes()
+    ds.WindowCenter, ds.WindowWidth = _percentile_window(stored)
+    rows, columns = stored.shape
+    _set_image_pixel_module(
+        ds, rows=rows, columns=columns, photometric=photometric, bits_stored=bits_stored, signed=False
+    )
+    _set_pixels(ds, np.ascontiguousarray(stored), transfer_syntax)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -538,9 +532,7 @@ def write_xray_dicom(
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
-    return item
+    return _item(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning)
 
 
 def _draw_opacities(

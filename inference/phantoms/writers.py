@@ -102,9 +102,9 @@ def write_dicom_series(
         patient_name=patient_name,
         patient_id=patient_id,
         accession_number=accession_number,
-        study_instance_uid=study_instance_uid or generate_uid(),
-        series_instance_uid=series_instance_uid or generate_uid(),
-        frame_of_reference_uid=frame_of_reference_uid or generate_uid(),
+        study_instance_uid=study_instance_uid,
+        series_instance_uid=series_instance_uid,
+        frame_of_reference_uid=frame_of_reference_uid,
     )
     header.RescaleIntercept = _ds(intercept)
     header.RescaleSlope = "1"
@@ -165,9 +165,9 @@ def write_dicom_multiframe(
         patient_name=patient_name,
         patient_id=patient_id,
         accession_number=accession_number,
-        study_instance_uid=study_instance_uid or generate_uid(),
-        series_instance_uid=series_instance_uid or generate_uid(),
-        frame_of_reference_uid=frame_of_reference_uid or generate_uid(),
+        study_instance_uid=study_instance_uid,
+        series_instance_uid=series_instance_uid,
+        frame_of_reference_uid=frame_of_reference_uid,
         per_frame_geometry=True,
     )
     ds.SOPInstanceUID = generate_uid()
@@ -259,28 +259,27 @@ def write_nifti(phantom_or_volume: Phantom | Volume, path: Path) -> Path:
     return path
 
 
-def _series_header(
-    volume: Volume,
+def _study_header(
     *,
-    modality: str,
     sop_class_uid: str,
+    modality: str,
     series_number: int,
+    series_description: str,
     patient_name: str,
     patient_id: str,
     accession_number: str,
-    study_instance_uid: str,
-    series_instance_uid: str,
-    frame_of_reference_uid: str,
-    per_frame_geometry: bool = False,
+    study_instance_uid: str | None,
+    series_instance_uid: str | None,
 ) -> Dataset:
-    """Attributes shared by every instance of the series; geometry at the top level unless ``per_frame_geometry``."""
+    """Patient, study, series and equipment attributes of every phantom file; a UID left None is generated.
+
+    Dates and times are fixed, so that a phantom written twice with the same UIDs gives the same bytes.
+    """
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = sop_class_uid
-    ds.StudyInstanceUID = study_instance_uid
-    ds.SeriesInstanceUID = series_instance_uid
-    ds.FrameOfReferenceUID = frame_of_reference_uid
-    ds.PositionReferenceIndicator = ""
+    ds.StudyInstanceUID = study_instance_uid or generate_uid()
+    ds.SeriesInstanceUID = series_instance_uid or generate_uid()
     ds.Modality = modality
     ds.Manufacturer = "radserve"
     ds.ManufacturerModelName = "synthetic phantom"
@@ -294,7 +293,51 @@ def _series_header(
     ds.AccessionNumber = accession_number
     ds.ReferringPhysicianName = ""
     ds.SeriesNumber = series_number
-    ds.SeriesDescription = f"Synthetic {modality}"
+    ds.SeriesDescription = series_description
+    return ds
+
+
+def _set_image_pixel_module(
+    ds: Dataset, *, rows: int, columns: int, photometric: str, bits_stored: int, signed: bool
+) -> None:
+    """One sample per pixel, 16 bits allocated, ``bits_stored`` of them used."""
+    ds.Rows, ds.Columns = rows, columns
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 1 if signed else 0
+
+
+def _series_header(
+    volume: Volume,
+    *,
+    modality: str,
+    sop_class_uid: str,
+    series_number: int,
+    patient_name: str,
+    patient_id: str,
+    accession_number: str,
+    study_instance_uid: str | None,
+    series_instance_uid: str | None,
+    frame_of_reference_uid: str | None,
+    per_frame_geometry: bool = False,
+) -> Dataset:
+    """Attributes shared by every instance of the series; geometry at the top level unless ``per_frame_geometry``."""
+    ds = _study_header(
+        sop_class_uid=sop_class_uid,
+        modality=modality,
+        series_number=series_number,
+        series_description=f"Synthetic {modality}",
+        patient_name=patient_name,
+        patient_id=patient_id,
+        accession_number=accession_number,
+        study_instance_uid=study_instance_uid,
+        series_instance_uid=series_instance_uid,
+    )
+    ds.FrameOfReferenceUID = frame_of_reference_uid or generate_uid()
+    ds.PositionReferenceIndicator = ""
     ds.AcquisitionNumber = 1
     ds.PatientPosition = "HFS"
     ds.BodyPartExamined = _BODY_PART_BY_MODALITY[modality]
@@ -312,23 +355,17 @@ def _series_header(
         ds.SpacingBetweenSlices = _ds(spacing[2])
 
     columns, rows, _ = volume.shape
-    ds.Rows, ds.Columns = rows, columns
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
+    _set_image_pixel_module(ds, rows=rows, columns=columns, photometric="MONOCHROME2", bits_stored=16, signed=True)
     return ds
 
 
 def _set_pixels(ds: Dataset, pixels: np.ndarray, transfer_syntax: UID) -> None:
-    """Store int16 ``pixels`` (rows x columns, or frames x rows x columns) in ``transfer_syntax``."""
+    """Store 16-bit ``pixels`` (rows x columns, or frames x rows x columns) in ``transfer_syntax``, little-endian."""
     if transfer_syntax.is_compressed:
         # Keep the SOPInstanceUID we chose: lossless compression does not make a new instance.
         ds.compress(transfer_syntax, pixels, generate_instance_uid=False)
     else:
-        ds.PixelData = pixels.astype("<i2", copy=False).tobytes()
+        ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
 def _check_transfer_syntax(transfer_syntax: str) -> UID:
@@ -365,6 +402,11 @@ def _window(values: np.ndarray, modality: str) -> tuple[str, str]:
     """WindowCenter/WindowWidth as DS: the lung window for CT, the 1-99th percentile span otherwise."""
     if modality == "CT":
         return "-600", "1500"
+    return _percentile_window(values)
+
+
+def _percentile_window(values: np.ndarray) -> tuple[str, str]:
+    """WindowCenter/WindowWidth as DS spanning the 1st to 99th percentile of ``values`` (at least 1 wide)."""
     low, high = np.percentile(values, [1, 99])
     return _ds((low + high) / 2), _ds(max(high - low, 1.0))
 
