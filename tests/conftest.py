@@ -1,7 +1,10 @@
-"""Shared test set-up: the `cuda` marker skips without a GPU; one real server per module that asks."""
+"""Shared test set-up: the `cuda` marker skips without a GPU; one real server per module that asks; model repositories
+holding one bundled model, for modules that start their own server."""
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,3 +32,20 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     proc.start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="module")
+def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``model_repo(name)``: a new model repository holding only the bundled model ``name``.
+
+    A server on it warms up one model rather than every bundled one, keeps answering "no model reads this modality"
+    for the others when models are added to models/, and does not see models/ change while it runs: the model's
+    files are copied (its training script and caches left out).
+    """
+
+    def make(name: str) -> Path:
+        repo = tmp_path_factory.mktemp("models")
+        shutil.copytree(ROOT / "models" / name, repo / name, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+        return repo
+
+    return make

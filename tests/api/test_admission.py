@@ -28,27 +28,16 @@ MAX_IN_FLIGHT = 2
 LUNG = ModelConfig.from_yaml(ROOT / "models" / "lung_nodule_ct" / "1" / "model.yaml")
 
 
-def lung_model_repo(tmp: Path) -> Path:
-    """A repository with only the bundled lung nodule model: less warm-up than every bundled model."""
-    repo = tmp / "models"
-    repo.mkdir()
-    (repo / "lung_nodule_ct").symlink_to(ROOT / "models" / "lung_nodule_ct")
-    return repo
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    d = tmp_path_factory.mktemp("admission")
-    proc = ServerProcess(
-        models=lung_model_repo(d),
-        log_path=d / "server.log",
+def server(tmp_path_factory, model_repo):
+    with ServerProcess(
+        models=model_repo("lung_nodule_ct"),
+        log_path=tmp_path_factory.mktemp("admission") / "server.log",
         metrics_port=free_port(),
         env={"RADSERVE_MAX_IN_FLIGHT": str(MAX_IN_FLIGHT)},  # the environment route of a setting
         extra_args=["--log-level", "DEBUG"],
-    )
-    proc.start()
-    yield proc
-    proc.stop()
+    ) as proc:
+        yield proc
 
 
 def make_study(seed: int, shape: tuple[int, int, int]):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -20,7 +19,6 @@ from inference.io.dicom import hash_uid
 from inference.phantoms import make_chest_ct, write_dicom_series
 from inference.serverproc import ServerProcess, free_port
 
-ROOT = Path(__file__).resolve().parents[2]
 CANARY = {
     "patient_name": "CANARYSURNAME^CANARYGIVEN",
     "patient_id": "CANARY-PID-90210",
@@ -30,26 +28,15 @@ CANARY = {
 }
 
 
-def lung_model_repo(tmp: Path) -> Path:
-    """A repository with only the bundled lung nodule model: less warm-up than every bundled model."""
-    repo = tmp / "models"
-    repo.mkdir()
-    (repo / "lung_nodule_ct").symlink_to(ROOT / "models" / "lung_nodule_ct")
-    return repo
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    d = tmp_path_factory.mktemp("metrics")
-    proc = ServerProcess(
-        models=lung_model_repo(d),
-        log_path=d / "server.log",
+def server(tmp_path_factory, model_repo):
+    with ServerProcess(
+        models=model_repo("lung_nodule_ct"),
+        log_path=tmp_path_factory.mktemp("metrics") / "server.log",
         metrics_port=free_port(),
         extra_args=["--log-format", "json", "--log-level", "DEBUG"],
-    )
-    proc.start()
-    yield proc
-    proc.stop()
+    ) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")

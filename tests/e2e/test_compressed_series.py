@@ -24,7 +24,6 @@ from inference.io.volume import Volume
 from inference.phantoms import make_chest_ct, write_dicom_multiframe, write_dicom_series
 from inference.serverproc import ServerProcess
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = "lung_nodule_ct"
 CENTER_ATOL_MM = 0.1
 SCORE_ATOL = 1e-3
@@ -32,18 +31,10 @@ MATCH_MM = 3.0
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    repo = tmp_path_factory.mktemp("models")
-    shutil.copytree(
-        ROOT / "models" / MODEL,
-        repo / MODEL,
-        ignore=shutil.ignore_patterns("*.py", "__pycache__"),
-    )
+def server(tmp_path_factory: pytest.TempPathFactory, model_repo) -> Iterator[ServerProcess]:
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    proc = ServerProcess(models=repo, device="cpu", log_path=log_path, env={"RADSERVE_WARMUP": "0"})
-    proc.start()
-    yield proc
-    proc.stop()
+    with ServerProcess(models=model_repo(MODEL), log_path=log_path, env={"RADSERVE_WARMUP": "0"}) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")

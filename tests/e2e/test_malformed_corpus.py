@@ -15,7 +15,6 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import shutil
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,7 +37,6 @@ from inference.io.volume import Volume
 from inference.phantoms import make_chest_ct, write_dicom_series
 from inference.serverproc import ServerProcess
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = "lung_nodule_ct"
 MiB = 1024 * 1024
 MAX_FILES = 80
@@ -66,20 +64,12 @@ MATCH_MM = 3.0
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    repo = tmp_path_factory.mktemp("models")
-    shutil.copytree(
-        ROOT / "models" / MODEL,
-        repo / MODEL,
-        ignore=shutil.ignore_patterns("*.py", "__pycache__"),
-    )
+def server(tmp_path_factory: pytest.TempPathFactory, model_repo) -> Iterator[ServerProcess]:
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    proc = ServerProcess(
-        models=repo, device="cpu", log_path=log_path, extra_args=["--log-level", "DEBUG"], env=LIMITS_ENV
-    )
-    proc.start()
-    yield proc
-    proc.stop()
+    with ServerProcess(
+        models=model_repo(MODEL), log_path=log_path, extra_args=["--log-level", "DEBUG"], env=LIMITS_ENV
+    ) as proc:
+        yield proc
 
 
 def cli_read(capsys: pytest.CaptureFixture[str], server: ServerProcess, path: Path, *args: str) -> tuple[int, str, str]:

@@ -59,24 +59,14 @@ DECODE_ONLY = ("--model", "decode_only_no_such_model")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    repo = tmp_path_factory.mktemp("models")
-    shutil.copytree(
-        ROOT / "models" / MODEL,
-        repo / MODEL,
-        ignore=shutil.ignore_patterns("*.py", "__pycache__"),
-    )
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    proc = ServerProcess(
-        models=repo,
-        device="cpu",
-        log_path=log_path,
+def server(tmp_path_factory: pytest.TempPathFactory, model_repo) -> Iterator[ServerProcess]:
+    with ServerProcess(
+        models=model_repo(MODEL),
+        log_path=tmp_path_factory.mktemp("server") / "server.log",
         extra_args=["--log-level", "DEBUG"],
         env={"RADSERVE_WARMUP": "0"},  # start-up time; the first read warms the model
-    )
-    proc.start()
-    yield proc
-    proc.stop()
+    ) as proc:
+        yield proc
 
 
 def assert_no_canary(text: str, where: str) -> None:
