@@ -105,10 +105,10 @@ class Nodule(BallUnion):
     hu: float
 
     def _integration_mask(self, points_mm: np.ndarray) -> np.ndarray:
-        """Squared distances ball by ball: the same set as the signed distance's but for rounding on the surface.
+        """Squared distances, ball by ball: the set the signed distance gives, but for rounding at the surface.
 
-        The chest phantom's ground-truth centroids and volumes have always been integrated this way; the
-        committed lung nodule model's training and metrics rest on them bit for bit.
+        The chest phantom's ground-truth centroids and volumes have always been integrated this way; kept so
+        that a seed gives the same truth bit for bit (the committed lung nodule model was trained on it).
         """
         inside = np.zeros(len(points_mm), dtype=bool)
         for center, radius in zip(self.ball_centers_mm, self.ball_radii_mm, strict=True):
