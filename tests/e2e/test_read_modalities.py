@@ -53,7 +53,7 @@ def test_brain_mr_lesions_in_patient_coordinates(server, tmp_path):
         pixel_spacing_mm=1.2,
         slice_spacing_mm=4.0,
         lesion_diameters_mm=(14.0, 24.0),
-        lesion_contrasts=("bright", "bright"),  # the model card: dark lesions are not yet detected
+        lesion_contrasts=("dark", "bright"),  # the model card: lesions of 10 mm and more, either contrast
         row_direction=(-1.0, 0.0, 0.0),
         slice_direction_sign=-1,
     )
