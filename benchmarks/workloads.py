@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from inference.api.gen.radserve.v1 import reading_pb2 as pb
+from inference.api.upload import read_payload
 from inference.client import CHUNK_BYTES
 from inference.io.dicom import read_dicom_series
+from inference.io.limits import InputLimits
 from inference.io.volume import Volume
 
 MODEL_BY_MODALITY = {"CT": "lung_nodule_ct", "DX": "chest_xray", "CR": "chest_xray"}
@@ -89,6 +91,19 @@ class Study:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def payload_files(self) -> list[bytes]:
+        """The streamed payload as the server holds it once received: one bytes object per file."""
+        files: dict[int, list[bytes]] = {}
+        for request in self.requests:
+            if request.WhichOneof("kind") == "chunk":
+                files.setdefault(request.chunk.file_index, []).append(request.chunk.data)
+        return [b"".join(files[index]) for index in sorted(files)]
+
+    def decode(self, files: list[bytes]) -> Volume:
+        """The server's decode of ``files`` (:func:`inference.api.upload.read_payload`): the same readers and limits."""
+        header = self.requests[0].header
+        return read_payload(header, header.payload, files, InputLimits())
 
     def close(self) -> None:
         """Unlink the shared-memory segment of a ``shm`` study (the gateway's job once its reads are done)."""

@@ -108,14 +108,14 @@ def decode(upload: Upload, limits: InputLimits, ingest: IngestPolicy | None = No
     if is_referenced(header):
         with referenced_payload(header, upload.payload, ingest or IngestPolicy(), limits) as referenced:
             upload.total_bytes = referenced.total_bytes
-            return _read_payload(header, upload.payload, referenced.files, limits)
+            return read_payload(header, upload.payload, referenced.files, limits)
     if upload.payload == pb.DICOM_FILES:
         for i, f in enumerate(upload.files):
             upload.files[i] = bytes(f)
-    return _read_payload(header, upload.payload, upload.files, limits)
+    return read_payload(header, upload.payload, upload.files, limits)
 
 
-def _read_payload(header: pb.ReadHeader, payload: int, files: list, limits: InputLimits) -> Volume:
+def read_payload(header: pb.ReadHeader, payload: int, files: list, limits: InputLimits) -> Volume:
     """The readers, by payload kind; ``files`` are bytes (DICOM) or any buffer (NIfTI, RAW)."""
     modality = header.modality or "CT"
     if payload == pb.DICOM_FILES:
