@@ -1,10 +1,11 @@
 """In-process baselines, on the same studies and the same network as the service.
 
-``direct``: radserve's own Task code path with no server (:func:`inference.engine.direct.run_direct`): prepare
-(preprocessing on the model's device), forward in batches of the model's ``max_batch_size``, split, finalize.
-Studies of one work item (projection X-ray) are batched across consecutive studies, as the server's batcher
-does, so that ``direct`` uses the same batch sizes; CT studies go through ``run_direct`` one at a time. The
-voxels are decoded beforehand (no file reading, no gRPC): this is the ceiling for the service.
+``direct``: the server's decode of the payload bytes, held in memory (``Study.decode``, the server's readers), then
+radserve's own Task code path with no server (:func:`inference.engine.direct.run_direct`): prepare (preprocessing
+on the model's device), forward in batches of the model's ``max_batch_size``, split, finalize. Studies of one work
+item (projection X-ray) are batched across consecutive studies, as the server's batcher does, so that ``direct``
+uses the same batch sizes; CT studies go through ``run_direct`` one at a time. No file reading, no gRPC, no
+queue: this is the ceiling for the service, which must decode too.
 
 ``naive``: what a researcher writes with MONAI alone, one study at a time: load the file (``LoadImage``, the
 NIfTI the benchmark wrote from the same voxels; pydicom for an X-ray image), a CPU ``Compose`` of
