@@ -79,7 +79,9 @@ def canonical(data: bytes) -> list[tuple[str, str, object]]:
                     rows += walk(item, f"{where}[{index}].")
                 continue
             value = element.value
-            if element.VR == "UI" and not str(value).startswith("1.2.840.10008."):  # not a DICOM-defined UID
+            if element.tag == 0x00020000:  # FileMetaInformationGroupLength: follows the lengths of the new UIDs
+                value = "<group length>"
+            elif element.VR == "UI" and not str(value).startswith("1.2.840.10008."):  # not a DICOM-defined UID
                 value = uids.setdefault(str(value), f"uid{len(uids)}")
             elif element.VR in ("DA", "TM", "DT"):
                 value = "<date/time>"
