@@ -27,11 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from inference.engine.direct import load_network, run_direct
+from inference.engine.direct import forward_items, load_network, run_direct
 from inference.engine.task import Task
 from inference.modelrepo.registry import task_class
 from inference.modelrepo.schema import ModelConfig
-from inference.platform import autocast_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +158,7 @@ def _direct_pass(
         group.append((study, volume, task.prepare(volume)))
         if sum(len(p.items) for _, _, p in group) < batch_size and i + 1 < len(studies):
             continue
-        results = _forward_items(task, network, [item for _, _, p in group for item in p.items], batch_size)
+        results = forward_items(task, network, [item for _, _, p in group for item in p.items], batch_size)
         first = 0
         for member, volume, prepared in group:
             found = task.finalize(volume, prepared, results[first : first + len(prepared.items)])
@@ -172,23 +171,6 @@ def _direct_pass(
         if max_groups is not None and groups_done >= max_groups:
             break
     return latencies, findings, decode_s
-
-
-def _forward_items(task: Task, network: torch.nn.Module, items: Sequence[torch.Tensor], batch_size: int) -> list:
-    """run_direct's forward loop: batches of ``batch_size``, autocast as configured, split per item."""
-    device = task.device
-    dtype = autocast_dtype(device, task.config.autocast)
-    results: list[Any] = []
-    with torch.inference_mode():
-        for first in range(0, len(items), batch_size):
-            batch = torch.stack(list(items[first : first + batch_size])).to(device)
-            if dtype is None:
-                outputs = network(batch)
-            else:
-                with torch.autocast(device_type=device.type, dtype=dtype):
-                    outputs = network(batch)
-            results.extend(task.split_outputs(outputs, batch.shape[0]))
-    return results
 
 
 def check_direct_matches_run_direct(task: Task, network: torch.nn.Module, study: Any) -> float:
