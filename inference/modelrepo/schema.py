@@ -55,8 +55,16 @@ class PreprocessConfig:
     percentile_low: float = 1.0
     percentile_high: float = 99.0
     foreground_fraction: float = 0.15
+    # MR only: divide out a smooth multiplicative bias field before normalising, the exponential of a polynomial
+    # of this degree in the voxel position fitted to the log intensity of the head's commonest tissue
+    # (inference.engine.preprocess.correct_bias). 0: no correction.
+    bias_correction_degree: int = 0
 
     def __post_init__(self) -> None:
+        if self.bias_correction_degree not in (0, 1, 2, 3):
+            raise ValueError(
+                f"preprocessing.bias_correction_degree must be 0 (off), 1, 2 or 3, got {self.bias_correction_degree!r}"
+            )
         for s in self.spacing_mm:
             _positive("preprocessing.spacing_mm", s)
         if not self.a_max > self.a_min:
