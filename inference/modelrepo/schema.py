@@ -128,6 +128,10 @@ class PostprocessConfig:
     max_detections: int = 20
     # Segmentation: connected components smaller than this are dropped.
     min_volume_ml: float = 0.0
+    # Segmentation: connected components whose mean probability (the finding's score) is under this are dropped.
+    # score_threshold draws the masks' edges; this decides which components are findings (a weak, thin rim of
+    # probability just over score_threshold is not). 0: every component is a finding.
+    min_score: float = 0.0
     # Detection: how the overlapping boxes (IoU > nms_iou) of one object become one finding. "nms" keeps the
     # best-scoring box; "fusion" keeps its score with the score-weighted mean of the group's boxes (box
     # voting), which localises better when many anchors fire on one object.
@@ -136,6 +140,8 @@ class PostprocessConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.score_threshold <= 1.0:
             raise ValueError(f"postprocessing.score_threshold must be in [0, 1], got {self.score_threshold!r}")
+        if not 0.0 <= self.min_score < 1.0:
+            raise ValueError(f"postprocessing.min_score must be in [0, 1), got {self.min_score!r}")
         if not self.min_volume_ml >= 0.0:
             raise ValueError(f"postprocessing.min_volume_ml must be >= 0, got {self.min_volume_ml!r}")
         if not 0.0 < self.nms_iou <= 1.0:

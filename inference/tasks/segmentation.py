@@ -73,8 +73,9 @@ class SegmentationTask(Task):
        preprocessed grid, interpolates the probability there (trilinear) and thresholds it at
        ``postprocessing.score_threshold``: interpolating probabilities before thresholding gives smoother
        masks than resampling a binary mask with nearest neighbour;
-    3. labels 26-connected components on the input grid, drops those under ``postprocessing.min_volume_ml``
-       or with a diameter under ``postprocessing.min_size_mm``, and keeps the ``max_detections`` highest-scoring.
+    3. labels 26-connected components on the input grid, drops those under ``postprocessing.min_volume_ml``,
+       with a diameter under ``postprocessing.min_size_mm`` or a mean probability under
+       ``postprocessing.min_score``, and keeps the ``max_detections`` highest-scoring.
 
     After ``finalize``, ``prepared.context.masks[label]`` is a bool array with the input volume's shape
     (its [column, row, slice] indexing and affine) holding exactly the components reported as Findings.
@@ -164,6 +165,7 @@ class SegmentationTask(Task):
                 label,
                 min_volume_ml=post.min_volume_ml,
                 min_size_mm=post.min_size_mm,
+                min_score=post.min_score,
             )
             candidates += [(f, box, mask) for f, (box, mask) in zip(label_findings, components, strict=True)]
         candidates.sort(key=lambda candidate: -candidate[0].score)
@@ -252,6 +254,7 @@ def mask_to_findings(
     *,
     min_volume_ml: float = 0.0,
     min_size_mm: float = 0.0,
+    min_score: float = 0.0,
 ) -> tuple[list[Finding], list[tuple[tuple[slice, ...], np.ndarray]]]:
     """One Finding per 26-connected component of ``mask``, a block of the input grid starting at ``offset``.
 
@@ -263,7 +266,7 @@ def mask_to_findings(
     * ``volume_ml``: voxel count x voxel volume; ``score``: mean of ``probability`` over the component;
     * ``sop_instance_uid``: the source image nearest the center.
 
-    Components under ``min_volume_ml`` or ``min_size_mm`` are dropped. Returns the Findings (in component
+    Components under ``min_volume_ml``, ``min_size_mm`` or ``min_score`` are dropped. Returns the Findings (in component
     order) and, for each, its index box in the full input grid with its bool mask there.
     """
     mask = np.asarray(mask, dtype=bool)
@@ -282,6 +285,9 @@ def mask_to_findings(
         volume_ml = float(component.sum()) * voxel_ml
         if volume_ml < min_volume_ml:
             continue
+        score = float(np.mean(probability[box][component]))
+        if score < min_score:
+            continue
         low = offset_arr + np.array([s.start for s in box])
         index = np.argwhere(component) + low
         boundary = component & ~ndimage.binary_erosion(component, border_value=0)
@@ -296,7 +302,7 @@ def mask_to_findings(
         findings.append(
             Finding(
                 label=label,
-                score=float(np.mean(probability[box][component])),
+                score=score,
                 center_mm=tuple(float(v) for v in center_mm),
                 bbox_mm=tuple(float(v) for v in (*corners_mm.min(axis=0), *corners_mm.max(axis=0))),
                 diameter_mm=diameter_mm,

@@ -84,6 +84,21 @@ def test_mask_to_findings_geometry_on_a_flipped_permuted_affine():
     assert box == (slice(10, 15), slice(20, 28), slice(3, 6)) and component.all()
 
 
+def test_components_under_the_minimum_score_are_not_findings():
+    volume = Volume(np.zeros((30, 30, 10), np.float32), SAGITTAL_FLIPPED, "MR")
+    probability = np.zeros(volume.shape, dtype=np.float32)
+    probability[2:8, 2:8, 2:5] = 0.95  # a confident component
+    probability[20:26, 20:26, 2:5] = 0.6  # a weak one, just over a 0.55 voxel threshold
+    mask = probability >= 0.55
+
+    for min_score, expected in ((0.0, [0.95, 0.6]), (0.55, [0.95, 0.6]), (0.75, [0.95])):
+        findings, components = mask_to_findings(mask, probability, (0, 0, 0), volume, "lesion", min_score=min_score)
+        assert sorted((f.score for f in findings), reverse=True) == pytest.approx(expected)
+        assert len(components) == len(findings)
+    with pytest.raises(ValueError, match=r"postprocessing\.min_score must be in \[0, 1\), got 1\.0"):
+        tiny_config(min_score=1.0)
+
+
 def test_diameter_runs_between_voxel_centers_and_never_under_one_voxel():
     volume = Volume(np.zeros((20, 5, 5), np.float32), SAGITTAL_FLIPPED, "MR")
     mask = np.zeros(volume.shape, dtype=bool)
