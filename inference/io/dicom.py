@@ -28,7 +28,11 @@ Policy (what a caller, or a successor changing this file, may rely on):
   corrected for magnification) is used for projection images with a warning.
 * Voxels are stored values x RescaleSlope + RescaleIntercept as float32 (per frame for enhanced multi-frame).
   MONOCHROME1 is inverted over the stored-value range (2**BitsStored values) so that larger means brighter, as
-  in MONOCHROME2. Only monochrome images are read; colour is UnsupportedError.
+  in MONOCHROME2. Only monochrome images are read; colour is UnsupportedError. PresentationLUTShape is not
+  applied on top: the DX IOD pairs INVERSE with MONOCHROME1 and IDENTITY with MONOCHROME2, so it restates the
+  photometric interpretation (archives such as dcm4chee trust the latter too, as some DX objects get the shape
+  wrong). VOI LUTs and window settings are for display and are not applied: models take the values after the
+  modality rescale and set their own window (the X-ray model a per-image percentile window).
 * Native pixel data must have exactly Rows x Columns x frames x BitsAllocated/8 bytes (plus the one pad byte
   DICOM requires for odd lengths); anything else is a length mismatch (InvalidInputError).
 * A transfer syntax with no decoder here is UnsupportedError naming the syntax; a decode failure is
