@@ -69,7 +69,8 @@ MODEL_YAML: dict[str, Any] = {
         "Focal brain lesions (5-40 mm, brighter or darker than the parenchyma) on T1-like MR. A small MONAI "
         "U-Net trained on synthetic phantoms only: research and demo use, not for clinical use."
     ),
-    "preprocessing": {"spacing_mm": [SPACING_MM] * 3, "normalize": "zscore_foreground"},
+    # The bias field is divided out before the z-score (a polynomial fit, inference/engine/preprocess.py).
+    "preprocessing": {"spacing_mm": [SPACING_MM] * 3, "normalize": "zscore_foreground", "bias_correction_degree": 2},
     "network": {
         "target": "monai.networks.nets.UNet",
         "args": {
@@ -96,7 +97,7 @@ MODEL_YAML: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class TrainSettings:
-    iterations: int = 1500
+    iterations: int = 3000
     batch_size: int = 4
     crop_voxels: tuple[int, int, int] = (48, 48, 48)  # 72 mm: a 40 mm lesion with its surroundings, cheap on a CPU
     positive_fraction: float = 0.6  # crops holding a lesion voxel (lesions equally likely)
@@ -108,6 +109,10 @@ class TrainSettings:
     val_phantoms: int = 10
     threshold_grid: tuple[float, ...] = (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
     max_fp_per_study: int = 1  # validation constraint on the tuned threshold
+    # postprocessing.min_score: the lowest score of a validation hit less this margin, down to a multiple of
+    # min_score_step: no validation hit is lost, and the weak components a voxel threshold leaves are.
+    min_score_margin: float = 0.05
+    min_score_step: float = 0.05
     hit_tolerance_mm: float = 3.0
     small_lesion_mm: float = 10.0  # sensitivity is also reported below / above this diameter
     timing_studies: int = 3
@@ -456,6 +461,25 @@ def tune_threshold(
     return float(best["threshold"]), curve
 
 
+def tune_min_score(studies: list[StudyResult], settings: TrainSettings) -> float:
+    """The floor on a finding's score (its mean probability) that keeps every validation hit, with a margin."""
+    hit_scores = []
+    for study in studies:
+        matched, _ = match_study(study, settings.hit_tolerance_mm)
+        hit_scores += [study.findings[n]["score"] for n in matched if n is not None]
+    if not hit_scores:
+        return 0.0
+    steps = math.floor((min(hit_scores) - settings.min_score_margin) / settings.min_score_step)
+    return round(max(0.0, steps * settings.min_score_step), 2)
+
+
+def with_min_score(studies: list[StudyResult], min_score: float) -> list[StudyResult]:
+    """The studies with the findings under ``min_score`` left out, as the task leaves them out."""
+    return [
+        dataclasses.replace(study, findings=[f for f in study.findings if f["score"] >= min_score]) for study in studies
+    ]
+
+
 def time_reading(config: ModelConfig, network: torch.nn.Module, seed: int, settings: TrainSettings) -> dict[str, Any]:
     """Mean wall time of run_direct on typical 3-D T1 studies (after one warm-up read)."""
     task = SegmentationTask(config, torch.device("cpu"))
@@ -487,12 +511,14 @@ def time_reading(config: ModelConfig, network: torch.nn.Module, seed: int, setti
     }
 
 
-def write_model_yaml(path: Path, score_threshold: float) -> ModelConfig:
+def write_model_yaml(path: Path, score_threshold: float, min_score: float = 0.0) -> ModelConfig:
     data = json.loads(json.dumps(MODEL_YAML))
     data["postprocessing"]["score_threshold"] = round(score_threshold, 2)
+    data["postprocessing"]["min_score"] = round(min_score, 2)
     header = (
         "# Written by models/brain_lesion_mr/train.py (edit the script, not this file): the probability threshold\n"
-        "# is tuned on validation phantoms so that no study has more than one false positive.\n"
+        "# is tuned on validation phantoms so that no study has more than one false positive, and min_score\n"
+        "# just under the lowest score of a lesion found there.\n"
     )
     path.write_text(header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120))
     return ModelConfig.from_yaml(path)
@@ -529,9 +555,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_eval = time.perf_counter()
     val = read_studies(config, network, _rng(args.seed, "val"), settings.val_phantoms, settings.threshold_grid)
     threshold, curve = tune_threshold(val, settings)
-    config = write_model_yaml(args.out / "model.yaml", threshold)
-    val_metrics = evaluate(val[threshold], settings.hit_tolerance_mm, settings.small_lesion_mm)
-    logger.info("validation at threshold %.2f: %s", threshold, json.dumps(val_metrics))
+    min_score = tune_min_score(val[threshold], settings)
+    config = write_model_yaml(args.out / "model.yaml", threshold, min_score)
+    val_metrics = evaluate(
+        with_min_score(val[threshold], min_score), settings.hit_tolerance_mm, settings.small_lesion_mm
+    )
+    logger.info("validation at threshold %.2f, min_score %.2f: %s", threshold, min_score, json.dumps(val_metrics))
     test = read_studies(config, network, _rng(args.seed, "test"), args.eval_studies, (threshold,))[threshold]
     test_metrics = evaluate(test, settings.hit_tolerance_mm, settings.small_lesion_mm)
     t_eval = time.perf_counter() - t_eval
@@ -549,6 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "parameters": sum(p.numel() for p in network.parameters()),
         "weights_bytes": (args.out / "model.pt").stat().st_size,
         "score_threshold": threshold,
+        "min_score": min_score,
         "validation": {"studies": len(val[threshold]), **val_metrics},
         "validation_curve": curve,
         "test": {
@@ -576,6 +606,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("reading time: %s", json.dumps(timing))
     logger.info("done in %.0f s", total_s)
     return 0
+
+
+def _bias_line(config: ModelConfig) -> str:
+    degree = config.preprocessing.bias_correction_degree
+    if not degree:
+        return ""
+    return (
+        "\n  the bias field divided out (`inference.engine.preprocess.correct_bias`: the exponential of a "
+        f"degree-{degree}\n  polynomial of the position, fitted to the log intensity of the head's commonest tissue);"
+    )
 
 
 def _pct(value: float | None) -> str:
@@ -611,15 +651,17 @@ strides {net["strides"]}, {net["num_res_units"]} residual units per level, {net[
 {net["out_channels"]} output channels (background, lesion) with a softmax. {m["parameters"]:,} parameters;
 `model.pt` is a float32 state dict of {m["weights_bytes"] / 1e6:.2f} MB.
 
-* Preprocessing: RAS orientation, {config.preprocessing.spacing_mm[0]:g} mm isotropic spacing (bilinear),
+* Preprocessing: RAS orientation, {config.preprocessing.spacing_mm[0]:g} mm isotropic spacing (bilinear);\
+{_bias_line(config)}
   z-score normalisation over the head (the voxels above {config.preprocessing.foreground_fraction:g} x the
-  {config.preprocessing.percentile_high:g}th percentile: the noisy air around the head is left out, so the scale does
-  not depend on the field of view or the scanner's intensity units).
+  {config.preprocessing.percentile_high:g}th percentile: the noisy air around the head is left out, so the scale
+  does not depend on the field of view or the scanner's intensity units).
 * Inference: sliding-window patches of {list(config.inferer.roi_size)} voxels, overlap {config.inferer.overlap},
   padded with the image minimum; patch probabilities blended with a Gaussian importance map (MONAI
   `compute_importance_map`, sigma 0.125 of the ROI); the probability map interpolated (trilinear) at the
   input volume's voxel centers, thresholded at {config.postprocessing.score_threshold}; 26-connected components
-  under {config.postprocessing.min_volume_ml:g} ml dropped, at most {config.postprocessing.max_detections} kept.
+  under {config.postprocessing.min_volume_ml:g} ml or with a mean probability under {config.postprocessing.min_score:g}
+  dropped, at most {config.postprocessing.max_detections} kept.
 * Output: one `Finding(label="lesion")` per component — centroid and voxel-edge bounding box in LPS mm,
   longest extent as `diameter_mm`, `volume_ml`, mean probability as `score` — and the mask on the input
   grid (`prepared.context.masks["lesion"]`) for DICOM SEG.
@@ -648,7 +690,10 @@ min) on the machine below; the whole script, evaluation included, {m["time_s"]["
 
 The probability threshold {m["score_threshold"]} was chosen on {val["studies"]} validation phantoms (own seed)
 among {s["threshold_grid"][0]}-{s["threshold_grid"][-1]}: the best lesion sensitivity (then Dice) where no
-validation study has more than {s["max_fp_per_study"]} false positive. There: sensitivity
+validation study has more than {s["max_fp_per_study"]} false positive. The floor on a finding's score,
+{m["min_score"]:g}, is the lowest score of a lesion found there less {s["min_score_margin"]:g}, rounded down to a
+multiple of {s["min_score_step"]:g}: no validation lesion is lost, and weak components just over the threshold
+(thin rims along tissue edges on thick slices) are not reported. There: sensitivity
 {_pct(val["sensitivity"]["all"])}, Dice {fmt(val["dice_per_study"]["mean"])}, {val["fp_per_study_mean"]:.2f} FP
 per study (max {val["fp_per_study_max"]}).
 
@@ -702,6 +747,9 @@ same `model.pt`. `metrics.json` holds every number above and the settings.
 * Lesions under 10 mm are found far less often than larger ones (the table above), dark ones least: on 1.5 mm
   voxels, with noise and a bias field, a 5 mm lesion a few percent darker than its surroundings is hard to tell
   from noise. Trained for {m["time_s"]["train"] / 60:.0f} CPU minutes; longer training helps the small lesions.
+* The bias correction is a much simplified N4: a smooth field only, and a field of about +-35 % or more across
+  the head can mislead it (docs/decisions.md, "MR bias field"), leaving a residual field the network was not
+  trained on.
 """
 
 

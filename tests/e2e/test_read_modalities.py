@@ -46,7 +46,11 @@ def test_chest_xray_opacities_on_the_image_plane(server, tmp_path, photometric, 
         assert finding["center_mm"] == pytest.approx([column * 0.15, row * 0.15], abs=0.02)
 
 
-def test_brain_mr_lesions_in_patient_coordinates(server, tmp_path):
+@pytest.mark.parametrize(
+    "bias_amplitude",
+    [None, 0.4],  # drawn (5-20 %, as in training), and a field twice the strongest the model was trained on
+)
+def test_brain_mr_lesions_in_patient_coordinates(server, tmp_path, bias_amplitude):
     phantom = make_brain_mr(
         np.random.default_rng(777),
         shape=(160, 160, 40),
@@ -56,6 +60,7 @@ def test_brain_mr_lesions_in_patient_coordinates(server, tmp_path):
         lesion_contrasts=("dark", "bright"),  # the model card: lesions of 10 mm and more, either contrast
         row_direction=(-1.0, 0.0, 0.0),
         slice_direction_sign=-1,
+        bias_amplitude=bias_amplitude,
     )
     write_dicom_series(phantom, tmp_path, shuffle=np.random.default_rng(1))
     body = read_json(tmp_path, server)
