@@ -747,9 +747,9 @@ same `model.pt`. `metrics.json` holds every number above and the settings.
 * Lesions under 10 mm are found far less often than larger ones (the table above), dark ones least: on 1.5 mm
   voxels, with noise and a bias field, a 5 mm lesion a few percent darker than its surroundings is hard to tell
   from noise. Trained for {m["time_s"]["train"] / 60:.0f} CPU minutes; longer training helps the small lesions.
-* The bias correction is a much simplified N4: a smooth field only, and a field of about +-35 % or more across
-  the head can mislead it (docs/decisions.md, "MR bias field"), leaving a residual field the network was not
-  trained on.
+* The bias correction is a much simplified N4: a smooth field only, and one strong enough to carry one tissue
+  to another's intensity can mislead it (docs/decisions.md, "MR bias field"), leaving a residual field the
+  network was not trained on.
 """
 
 
