@@ -25,8 +25,8 @@ def lung_model_repo(tmp: Path) -> Path:
 
 @pytest.mark.slow
 def test_a_short_soak_loses_no_read_and_the_server_neither_restarts_nor_leaks(tmp_path):
-    args = ["soak", "--spawn", "--models", str(lung_model_repo(tmp_path)), "--clients", "3", "--duration-s", "25"]
-    result = subprocess.run([*CLI, *args, "--max-reads", "200"], capture_output=True, text=True, timeout=600)
+    args = ["soak", "--spawn", "--models", str(lung_model_repo(tmp_path)), "--clients", "3", "--duration-s", "60"]
+    result = subprocess.run([*CLI, *args, "--max-reads", "2000"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = result.stdout
     assert "no violations" in summary
