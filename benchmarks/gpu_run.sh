@@ -23,7 +23,7 @@
 # is missing without --dry-run; 3 CUDA is present and no cuda test ran (or all were skipped).
 #
 # Usage (from the project root):
-#   benchmarks/gpu_run.sh                      # on the GPU machine
+#   RADSERVE_COMMIT=abc1234 benchmarks/gpu_run.sh   # on the GPU machine (its tree comes without .git)
 #   benchmarks/gpu_run.sh --dry-run            # any machine, on the CPU: tiny profile, same steps (the rehearsal,
 #                                              # benchmarks/rehearse_gpu_image.sh, runs it in a copy of the GPU image)
 #   benchmarks/gpu_run.sh --budget-s 400       # a tighter budget
@@ -130,7 +130,7 @@ if (( cuda == 0 && dry_run == 0 )); then
 fi
 
 # 2. The CUDA tests (on the CPU they are collected and skipped: the rehearsal checks the collection).
-STEP_OUT="$OUT/cuda-tests.txt" step "cuda tests" 150 \
+STEP_OUT="$OUT/cuda-tests.txt" step "cuda tests" 170 \
   "$PY" -m pytest -m cuda -q -rA -p no:cacheprovider -o addopts="" --timeout 90 --basetemp "$WORK/pytest" \
   --junitxml "$WORK/cuda-junit.xml" tests
 tail -5 "$OUT/cuda-tests.txt" >&2
@@ -144,7 +144,7 @@ else
   profile=gpu
   io_threads=$(( $(nproc) / 2 )); if (( io_threads > 8 )); then io_threads=8; fi
   left=$(( $(budget_left) - RESERVE_S - KILL_GRACE_S ))
-  cap=$(( left < 230 ? left : 230 ))
+  cap=$(( left < 190 ? left : 190 ))
   # run.py stops starting rows 25 s before the step's end: time to stop the server and write the table
   step "benchmark (gpu profile, io_threads $io_threads)" "$cap" \
     "$PY" -m benchmarks.run --profile gpu --device cuda --io-threads "$io_threads" --out "$OUT" \
@@ -157,8 +157,8 @@ if (( dry_run )); then
     --only chest_xray --max-batch 2 --timing-s 0.5
 else
   left=$(( $(budget_left) - RESERVE_S - KILL_GRACE_S ))
-  step "compile check" 110 "$PY" -m benchmarks.compile_check --device cuda --json "$OUT/compile.json" \
-    --budget-s $(( (left < 110 ? left : 110) - 30 ))
+  step "compile check" 100 "$PY" -m benchmarks.compile_check --device cuda --json "$OUT/compile.json" \
+    --budget-s $(( (left < 100 ? left : 100) - 30 ))
 fi
 
 # 5. The summary: the table, the CUDA tests and the compile figures, in $OUT/$profile.md and .json, and on stdout.

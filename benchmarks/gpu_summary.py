@@ -71,6 +71,8 @@ def verdict(report: dict[str, Any], cuda: bool) -> tuple[int, list[str]]:
         reasons += [
             f"{name} c={r['concurrency']}: failed reads {r['errors']}" for r in entry.get("service", []) if r["errors"]
         ]
+    reasons += [f"{e['part']} failed" for e in report.get("errors", [])]
+    reasons += [f"benchmark stopped early: {report['stopped']}"] if "stopped" in report else []
     reasons += [f"compile {name}: {e['error']}" for name, e in report.get("compile", {}).items() if "error" in e]
     return (1 if reasons else 0), reasons
 

@@ -74,6 +74,9 @@ def log(message: str) -> None:
 
 
 def commit() -> str:
+    """The commit measured: ``$RADSERVE_COMMIT`` where the tree came without git (the GPU machine), else git's."""
+    if os.environ.get("RADSERVE_COMMIT"):
+        return os.environ["RADSERVE_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         return out.stdout.strip() or "unknown"
@@ -247,6 +250,7 @@ def run(args: argparse.Namespace, report: dict[str, Any], save: Callable[[], Non
                     report["workloads"][workload.name].update(_describe(workload, chosen))
             server.wait_serving(timeout_s=SERVER_START_TIMEOUT_S)
             pid = server.process.pid  # type: ignore[union-attr]
+            report["server"] = {"target": server.target, "pid": pid}
             metrics_url = f"http://{server.host}:{server.metrics_port}/metrics"
             # Per workload, direct, then the service rows, then naive, close together in time: on a shared
             # machine the load changes from minute to minute (each row records the load average it ran under).
@@ -368,8 +372,8 @@ def _run_ingest(
         save()
     if not report["memory"]:
         del report["memory"]
-    for item in errors.get("errors", []):
-        report["notes"].append(f"{item['part']} failed: {item['error']}")
+    if errors.get("errors"):
+        report.setdefault("errors", []).extend(errors["errors"])
 
 
 def _describe(workload: Workload, studies: list[Any]) -> dict[str, Any]:
@@ -600,6 +604,7 @@ def table(report: dict[str, Any]) -> str:
             )
     for name, entry in report["workloads"].items():
         lines += [f"error: {name} {item['part']} failed: {item['error']}" for item in entry.get("errors", [])]
+    lines += [f"error: {item['part']} failed: {item['error']}" for item in report.get("errors", [])]
     lines += [f"note: {n}" for n in report["notes"]]
     lines.append(f"wall time {report['wall_s']:.0f} s")
     return "\n".join(lines)
@@ -637,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args, report, save)
     except (Exception, KeyboardInterrupt, RunInterruptedError) as exc:  # what was measured is still written
+        report["stopped"] = error_text(exc)
         report["notes"].append(f"run stopped early: {error_text(exc)}")
         log(f"run stopped early: {error_text(exc)}")
     finally:
@@ -645,9 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(report))
     log(f"wrote {args.out / (args.profile + '.json')} and {args.out / (args.profile + '.md')}")
     failed_reads = sum(sum(r["errors"].values()) for e in report["workloads"].values() for r in e.get("service", []))
-    failed_parts = sum(len(e.get("errors", [])) for e in report["workloads"].values())
-    stopped = any(n.startswith("run stopped early") or " failed: " in n for n in report["notes"])
-    return 1 if failed_reads or failed_parts or stopped else 0
+    failed_parts = sum(len(e.get("errors", [])) for e in report["workloads"].values()) + len(report.get("errors", []))
+    return 1 if failed_reads or failed_parts or "stopped" in report else 0
 
 
 if __name__ == "__main__":
