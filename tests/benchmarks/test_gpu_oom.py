@@ -36,13 +36,18 @@ def cuda() -> torch.device:
 
 @pytest.fixture
 def memory_cap(cuda):
-    """``cap(bytes)``: no more than ``bytes`` reserved by this process's caching allocator, until the test ends."""
+    """``cap(limit_bytes)`` or ``cap(headroom_bytes=n)``: no more than that reserved by this process's caching
+    allocator (``headroom_bytes``: above what its live tensors hold once the cache is emptied) until the test ends;
+    ``cap(None)`` lifts it."""
     total = torch.cuda.get_device_properties(cuda).total_memory
 
-    def cap(limit_bytes: int) -> None:
+    def cap(limit_bytes: int | None, *, headroom_bytes: int | None = None) -> None:
         torch.cuda.synchronize(cuda)
         torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(min(1.0, limit_bytes / total), cuda)
+        if headroom_bytes is not None:
+            limit_bytes = int(torch.cuda.memory_reserved(cuda)) + headroom_bytes
+        fraction = 1.0 if limit_bytes is None else min(1.0, limit_bytes / total)
+        torch.cuda.set_per_process_memory_fraction(fraction, cuda)
 
     yield cap
     torch.cuda.set_per_process_memory_fraction(1.0, cuda)
@@ -90,24 +95,24 @@ def _same_detections(got, want) -> int:
 
 
 def test_a_batch_over_the_cap_is_retried_in_halves_with_the_same_results(runner, cuda, memory_cap, caplog):
-    items = _items(runner)
+    items = _items(runner) * 4  # a batch of 16 (the runner's batcher makes at most 4): far apart from one item
     _, peak_one = _peak_reserved(cuda, lambda: runner._forward(items[:1]))
     want, peak_all = _peak_reserved(cuda, lambda: runner._forward(items))
-    assert peak_all - peak_one >= 64 * MIB, f"a batch of 4 needs only {(peak_all - peak_one) / MIB:.0f} MiB more"
+    assert peak_all - peak_one >= 64 * MIB, f"a batch of 16 needs only {(peak_all - peak_one) / MIB:.0f} MiB more"
     memory_cap((peak_one + peak_all) // 2)
     with caplog.at_level(logging.WARNING, logger="inference.engine.runner"):
         got = runner._forward(items)
     messages = [r.getMessage() for r in caplog.records]
-    assert any("out of memory on a batch of 4 items; retrying in halves" in m for m in messages), messages
+    assert any("out of memory on a batch of 16 items; retrying in halves" in m for m in messages), messages
     assert not any("CPU copy" in m for m in messages), messages  # a single item fits under this cap
     assert len(got) == len(items)
-    assert _same_detections(got, want) >= 4
+    assert _same_detections(got, want) >= 16
 
 
 def test_a_single_item_over_the_cap_runs_on_the_cpu_copy(runner, cuda, memory_cap, caplog):
     items = _items(runner)
     want = runner._forward(items[:1])
-    memory_cap(int(torch.cuda.memory_reserved(cuda)) + 2 * MIB)  # what is held now, and nothing for activations
+    memory_cap(None, headroom_bytes=2 * MIB)  # what the live tensors hold, and nothing for activations
     with caplog.at_level(logging.WARNING, logger="inference.engine.runner"):
         got = runner._forward(items[:1])
     messages = [r.getMessage() for r in caplog.records]
@@ -130,17 +135,17 @@ def test_reads_that_cannot_fit_fail_with_resource_exhausted_and_the_next_read_su
         outcomes: list[BaseException | object] = []
         await runner.start()
         try:
-            memory_cap(int(torch.cuda.memory_reserved(cuda)) + 64 * MIB)
+            memory_cap(None, headroom_bytes=64 * MIB)
             with pytest.raises(LimitExceededError) as preprocessing:
                 await runner.read(large, request_id="large")
             outcomes.append(preprocessing.value)
-            memory_cap(1 << 62)
+            memory_cap(None)
             prepared = runner.task.prepare(small)  # its patches on the GPU, then no room for the forward pass
-            memory_cap(int(torch.cuda.memory_reserved(cuda)) + 2 * MIB)
+            memory_cap(None, headroom_bytes=2 * MIB)
             with pytest.raises(LimitExceededError) as forward:
                 await runner.batcher.submit("no-room", prepared.items)
             outcomes.append(forward.value)
-            memory_cap(1 << 62)
+            memory_cap(None)
             outcomes.append(await runner.read(small, request_id="next"))
         finally:
             await runner.stop()
