@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -95,7 +96,8 @@ def compile_check(
 
     deadline = None if budget_s is None else time.monotonic() + budget_s
     configs = [c for c in scan_repository(models).configs if not only or c.name in only]
-    configs.sort(key=lambda c: (math.prod(c.inferer.roi_size) * c.batching.max_batch_size, c.name))
+    # 2-D first, then by the voxels of a full batch: the quickest compilations first
+    configs.sort(key=lambda c: (len(c.inferer.roi_size), math.prod(c.inferer.roi_size) * c.batching.max_batch_size))
     report: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "models": {}, "notes": []}
 
     def save() -> None:
@@ -109,7 +111,12 @@ def compile_check(
             report["notes"].append(f"{config.name}: skipped, the budget of {budget_s:.0f} s was spent")
             continue
         log(f"{config.name}: compiling for batch sizes 1, 2, max on {device}")
-        entry = report["models"][config.name] = check_model(config, device, max_batch=max_batch, timing_s=timing_s)
+        try:
+            entry = report["models"][config.name] = check_model(config, device, max_batch=max_batch, timing_s=timing_s)
+        except KeyboardInterrupt:  # SIGTERM (main): keep the models done, say which one was cut
+            report["notes"].append(f"{config.name}: stopped while compiling or timing (SIGTERM)")
+            save()
+            raise
         log(f"{config.name}: {entry}")
         save()
     save()
@@ -145,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except KeyboardInterrupt as exc:
         log(f"stopped: {exc}")
-        return 1
+        sys.stderr.flush()
+        os._exit(1)  # inductor's compile workers would hold the exit until the step's SIGKILL
     print(json.dumps(report, indent=2))
     return 1 if not report["models"] or any("error" in e for e in report["models"].values()) else 0
 

@@ -63,8 +63,9 @@ fi
 out="$DIR/out"
 say "benchmarks/gpu_run.sh --dry-run in $DIR/tree with $("$VENV/bin/python" --version), OUT=$out"
 set +e
+commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!.whl' || echo "-dirty")
 (cd "$DIR/tree" && env -u PYTHONPATH PYTHON="$VENV/bin/python" OUT="$out" BENCH_CACHE="$DIR/cache" \
-  benchmarks/gpu_run.sh --dry-run)
+  RADSERVE_COMMIT="$commit" benchmarks/gpu_run.sh --dry-run)
 status=$?
 set -e
 say "gpu_run.sh --dry-run exit status $status; results in $out:"

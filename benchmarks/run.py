@@ -248,6 +248,7 @@ def run(args: argparse.Namespace, report: dict[str, Any], save: Callable[[], Non
                 if chosen:
                     studies[workload.name] = chosen
                     report["workloads"][workload.name].update(_describe(workload, chosen))
+            save()
             server.wait_serving(timeout_s=SERVER_START_TIMEOUT_S)
             pid = server.process.pid  # type: ignore[union-attr]
             report["server"] = {"target": server.target, "pid": pid}
@@ -261,7 +262,9 @@ def run(args: argparse.Namespace, report: dict[str, Any], save: Callable[[], Non
             if "lung_nodule_ct" in models and not args.no_ingest and budget.allows("ingest", report, reserve_s=10.0):
                 _run_ingest(args, report, server.target, pid, Path(ingest_root), metrics_url, budget, save)
         finally:
-            code = server.stop()
+            save()  # first: stopping the server can take its grace period, and a SIGTERM'd run has seconds left
+            interrupted = isinstance(sys.exc_info()[1], RunInterruptedError)
+            code = server.stop(timeout_s=5.0 if interrupted else 60.0)
             if code:
                 report["notes"].append(f"server exited with code {code}; see server.log")
             for group in studies.values():
@@ -636,20 +639,31 @@ def main(argv: list[str] | None = None) -> int:
         write_report(report, args.out, started)
 
     def stop(signum: int, frame: Any) -> None:
-        raise RunInterruptedError(f"signal {signal.Signals(signum).name}")
+        # Write what was measured first: the step's SIGKILL follows within seconds, and on a loaded machine the
+        # unwinding (stopping the server, a baseline's thread) may not get that far.
+        error = RunInterruptedError(f"signal {signal.Signals(signum).name}")
+        report["stopped"] = error_text(error)
+        report["notes"].append(f"run stopped early: {error_text(error)}")
+        save()
+        raise error
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         run(args, report, save)
     except (Exception, KeyboardInterrupt, RunInterruptedError) as exc:  # what was measured is still written
-        report["stopped"] = error_text(exc)
-        report["notes"].append(f"run stopped early: {error_text(exc)}")
+        if "stopped" not in report:  # (the SIGTERM handler has said so already)
+            report["stopped"] = error_text(exc)
+            report["notes"].append(f"run stopped early: {error_text(exc)}")
         log(f"run stopped early: {error_text(exc)}")
     finally:
         signal.signal(signal.SIGTERM, previous)
         save()
     print(table(report))
     log(f"wrote {args.out / (args.profile + '.json')} and {args.out / (args.profile + '.md')}")
+    if "stopped" in report:  # the server is stopped and the results written: end now, whatever thread still runs
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     failed_reads = sum(sum(r["errors"].values()) for e in report["workloads"].values() for r in e.get("service", []))
     failed_parts = sum(len(e.get("errors", [])) for e in report["workloads"].values()) + len(report.get("errors", []))
     return 1 if failed_reads or failed_parts or "stopped" in report else 0
