@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import re
 import statistics
 import sys
@@ -65,6 +64,7 @@ from inference.tasks.projection import (
     normalize_and_pad,
     projection_findings,
 )
+from inference.training import cpu_name, setup
 
 logger = logging.getLogger("train_chest_xray")
 
@@ -372,16 +372,6 @@ def evaluate(config: ModelConfig, rng: np.random.Generator, args: argparse.Names
     }
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or f"{platform.machine()} CPU"
-
-
 def write_threshold(model_yaml: Path, threshold: float) -> None:
     """Rewrite the one ``score_threshold:`` line of model.yaml, keeping its comments."""
     text = model_yaml.read_text()
@@ -542,12 +532,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--card-only", action="store_true", help="rewrite MODEL_CARD.md from OUT/metrics.json")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup(args.threads)
     if args.card_only:
         write_model_card(args.out, json.loads((args.out / "metrics.json").read_text()))
         return 0
 
-    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     train_seq, val_seq, test_seq = np.random.SeedSequence(args.seed).spawn(3)
     model_yaml = args.out / "model.yaml"
@@ -583,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = {
         "model": f"{config.name}:{config.version}",
         "date": started.strftime("%Y-%m-%d"),
-        "machine": f"{_cpu_name()} ({os.cpu_count()} cores, shared with other jobs), {args.threads} torch thread(s)",
+        "machine": f"{cpu_name()} ({os.cpu_count()} cores, shared with other jobs), {args.threads} torch thread(s)",
         "torch": torch.__version__,
         "command": "python models/chest_xray/train.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

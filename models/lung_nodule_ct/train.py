@@ -30,8 +30,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import math
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -41,7 +39,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 from torchvision.ops import sigmoid_focal_loss
 
@@ -53,6 +50,16 @@ from inference.phantoms.chest_ct import make_chest_ct
 from inference.postprocess.detection import boxes_from_centers, build_anchor_generator
 from inference.postprocess.finding import Finding
 from inference.tasks.detection import DetectionTask
+from inference.training import (
+    crop_with_padding,
+    machine_info,
+    match_by_score,
+    rng_stream,
+    setup,
+    time_reads,
+    warmup_cosine,
+    write_model_yaml,
+)
 
 logger = logging.getLogger("train_lung_nodule_ct")
 
@@ -131,11 +138,6 @@ class TrainSettings:
 # resamples everything to 1.5 mm anyway). The test set uses the generator's own full ranges.
 TRAIN_MATRICES = (128, 160, 192, 224, 256, 288, 320)
 TRAIN_SLICES = (40, 180)
-RNG_STREAMS = {"train": 0, "crops": 1, "val": 2, "test": 3, "timing": 4}
-
-
-def _rng(seed: int, stream: str) -> np.random.Generator:
-    return np.random.default_rng([seed, RNG_STREAMS[stream]])
 
 
 def make_phantom(rng: np.random.Generator, *, full_range: bool) -> Phantom:
@@ -172,7 +174,7 @@ def target_boxes(phantom: Phantom, affine: np.ndarray) -> np.ndarray:
 
 
 def build_training_set(config: ModelConfig, seed: int, count: int) -> list[TrainingStudy]:
-    rng = _rng(seed, "train")
+    rng = rng_stream(seed, "train")
     studies = []
     for n in range(count):
         phantom = make_phantom(rng, full_range=False)
@@ -188,21 +190,6 @@ def build_training_set(config: ModelConfig, seed: int, count: int) -> list[Train
     n_nodules = sum(len(s.boxes) for s in studies)
     logger.info("%d training phantoms, %d nodules", len(studies), n_nodules)
     return studies
-
-
-def crop_with_padding(image: torch.Tensor, origin: np.ndarray, size: Sequence[int], pad_value: float) -> torch.Tensor:
-    """``image[:, origin : origin + size]`` where the window may reach outside the image (filled with pad_value)."""
-    out = torch.full((image.shape[0], *size), pad_value, dtype=torch.float32)
-    shape = np.asarray(image.shape[1:])
-    src_lo = np.maximum(origin, 0)
-    src_hi = np.minimum(origin + np.asarray(size), shape)
-    if np.all(src_hi > src_lo):
-        dst_lo = src_lo - origin
-        dst_hi = dst_lo + (src_hi - src_lo)
-        out[(slice(None), *(slice(a, b) for a, b in zip(dst_lo, dst_hi, strict=True)))] = image[
-            (slice(None), *(slice(a, b) for a, b in zip(src_lo, src_hi, strict=True)))
-        ].float()
-    return out
 
 
 def sample_crop(
@@ -269,14 +256,10 @@ def train(config: ModelConfig, studies: list[TrainingStudy], settings: TrainSett
     detector.train()
     optimizer = torch.optim.AdamW(network.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
 
-    def lr_factor(step: int) -> float:
-        if step < settings.warmup_iterations:
-            return (step + 1) / settings.warmup_iterations
-        progress = (step - settings.warmup_iterations) / max(1, settings.iterations - settings.warmup_iterations)
-        return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    rng = _rng(seed, "crops")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup=settings.warmup_iterations, total=settings.iterations)
+    )
+    rng = rng_stream(seed, "crops")
     pad_value = config.preprocessing.b_min
     start = time.perf_counter()
     running = {"classification": 0.0, "box_regression": 0.0}
@@ -360,19 +343,13 @@ def read_studies(
 
 def match_study(study: StudyResult, threshold: float, tolerance_mm: float) -> tuple[list[float | None], int]:
     """One-to-one matching by decreasing score: each lesion's hit distance (None: missed) and the FP count."""
-    findings = sorted((f for f in study.findings if f[1] >= threshold), key=lambda f: -f[1])
-    distances: list[float | None] = [None] * len(study.lesions)
-    false_positives = 0
-    for center, _ in findings:
-        best, best_d = None, tolerance_mm
-        for n, (lesion_center, _) in enumerate(study.lesions):
-            d = float(np.linalg.norm(np.subtract(center, lesion_center)))
-            if distances[n] is None and d <= best_d:
-                best, best_d = n, d
-        if best is None:
-            false_positives += 1
-        else:
-            distances[best] = best_d
+    findings = [f for f in study.findings if f[1] >= threshold]
+    _, distances, false_positives = match_by_score(
+        [center for center, _ in findings],
+        [score for _, score in findings],
+        [center for center, _ in study.lesions],
+        tolerance_mm,
+    )
     return distances, false_positives
 
 
@@ -427,16 +404,11 @@ def tune_threshold(results: list[StudyResult], settings: TrainSettings) -> tuple
 def time_reading(config: ModelConfig, network: torch.nn.Module, seed: int, settings: TrainSettings) -> dict[str, Any]:
     """Mean wall time of run_direct on 256x256x120 studies (after one warm-up read)."""
     task = DetectionTask(config, torch.device("cpu"))
-    rng = _rng(seed, "timing")
+    rng = rng_stream(seed, "timing")
     phantoms = [
         make_chest_ct(int(rng.integers(2**31)), shape=settings.timing_shape) for _ in range(settings.timing_studies)
     ]
-    run_direct(task, network, phantoms[0].volume, batch_size=config.batching.max_batch_size)
-    times = []
-    for phantom in phantoms:
-        start = time.perf_counter()
-        run_direct(task, network, phantom.volume, batch_size=config.batching.max_batch_size)
-        times.append(time.perf_counter() - start)
+    times = time_reads(task, network, [p.volume for p in phantoms], config.batching.max_batch_size)
     return {
         "shape": list(settings.timing_shape),
         "spacings_mm": [[round(s, 3) for s in p.volume.spacing_mm] for p in phantoms],
@@ -446,15 +418,14 @@ def time_reading(config: ModelConfig, network: torch.nn.Module, seed: int, setti
     }
 
 
-def write_model_yaml(path: Path, score_threshold: float) -> ModelConfig:
+def write_config(path: Path, score_threshold: float) -> ModelConfig:
     data = json.loads(json.dumps(MODEL_YAML))
     data["postprocessing"]["score_threshold"] = round(score_threshold, 2)
     header = (
         "# Written by models/lung_nodule_ct/train.py (edit the script, not this file): the score threshold is\n"
         "# tuned on validation phantoms so that no study has more than one false positive.\n"
     )
-    path.write_text(header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120))
-    return ModelConfig.from_yaml(path)
+    return write_model_yaml(path, data, header)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -467,13 +438,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train-phantoms", type=int, default=TrainSettings.train_phantoms)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    torch.set_num_threads(args.threads)
+    setup(args.threads)
     settings = dataclasses.replace(
         TrainSettings(), iterations=args.iterations, val_phantoms=args.val_studies, train_phantoms=args.train_phantoms
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    config = write_model_yaml(args.out / "model.yaml", MODEL_YAML["postprocessing"]["score_threshold"])
+    config = write_config(args.out / "model.yaml", MODEL_YAML["postprocessing"]["score_threshold"])
 
     t0 = time.perf_counter()
     studies = build_training_set(config, args.seed, settings.train_phantoms)
@@ -484,14 +454,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.save({k: v.float() for k, v in network.state_dict().items()}, args.out / "model.pt")
 
     val = read_studies(
-        config, network, _rng(args.seed, "val"), settings.val_phantoms, full_range=False, settings=settings
+        config, network, rng_stream(args.seed, "val"), settings.val_phantoms, full_range=False, settings=settings
     )
     threshold, curve = tune_threshold(val, settings)
-    config = write_model_yaml(args.out / "model.yaml", threshold)
+    config = write_config(args.out / "model.yaml", threshold)
     val_metrics = evaluate(val, threshold, settings.hit_tolerance_mm, settings.sensitivity_min_diameter_mm)
     logger.info("validation at threshold %.2f: %s", threshold, json.dumps(val_metrics))
 
-    test = read_studies(config, network, _rng(args.seed, "test"), args.eval_studies, full_range=True, settings=settings)
+    test = read_studies(
+        config, network, rng_stream(args.seed, "test"), args.eval_studies, full_range=True, settings=settings
+    )
     test_metrics = {
         f"hit_within_{tol:g}mm": evaluate(test, threshold, tol, settings.sensitivity_min_diameter_mm)
         for tol in (3.0, 5.0)
@@ -521,11 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             **test_metrics,
         },
         "reading_time_256x256x120": timing,
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "torch": torch.__version__,
-        },
+        "machine": machine_info(),
         "time_s": {"data": round(t_data, 1), "train": round(t_train, 1), "total": round(total_s, 1)},
     }
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
