@@ -180,6 +180,26 @@ def _parser() -> argparse.ArgumentParser:
     tserve.add_argument("--cache-dir", type=Path, default=None, help="exports cache (default ~/.cache/radserve)")
     tvenv = triton_sub.add_parser("venv", help="create or update Triton's virtual environment, print its path")
     tvenv.add_argument("--venv", type=Path, default=None, help="where (default .venv-triton in a checkout)")
+
+    # `radserve eval` (a client of the API) and `radserve phantoms make` (the labelled datasets it reads).
+    from inference.evaluation.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub, _add_server_flag)
+    phantoms = sub.add_parser("phantoms", help="write synthetic studies with planted ground truth")
+    phantoms_sub = phantoms.add_subparsers(dest="phantoms_command", required=True)
+    make = phantoms_sub.add_parser(
+        "make",
+        help="write a labelled dataset for `radserve eval`: per study its DICOM files and truth.json (MR: a mask)",
+    )
+    make.add_argument("--modality", required=True, type=str.upper, choices=["CT", "MR", "DX"])
+    make.add_argument("--count", required=True, type=int, help="studies to write")
+    make.add_argument("--out", required=True, type=Path, help="the dataset folder (new or empty)")
+    make.add_argument("--seed", type=int, default=0, help="the set's seed: the same seed writes the same files")
+    make.add_argument(
+        "--shape",
+        default=None,
+        help="a fixed size, COLUMNSxROWSxSLICES for CT and MR, ROWSxCOLUMNS for DX (default: the phantoms' ranges)",
+    )
     return parser
 
 
@@ -481,6 +501,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if report.ok else 1
     if args.command == "triton":
         return _triton(args)
+    if args.command == "eval":
+        from inference.evaluation.cli import main as eval_main
+
+        return eval_main(args, _client)
+    if args.command == "phantoms":
+        from inference.phantoms.dataset import main as phantoms_main
+
+        return phantoms_main(args)
     if args.command == "health":
         from grpc_health.v1 import health_pb2
 

@@ -57,6 +57,7 @@ __all__ = [
     "BrainMRParams",
     "Ellipsoid",
     "Tissue",
+    "lesion_labels",
     "lesion_mask",
     "make_brain_mr",
     "render_brain_mr",
@@ -300,19 +301,30 @@ def lesion_mask(
     other, e.g. a model's preprocessed grid. A voxel center inside a lesion is a voxel the rendering
     covers at least half (the partial-volume ramp is centered on the surface).
     """
+    return lesion_labels(params, affine=affine, shape=shape) > 0
+
+
+def lesion_labels(
+    params: BrainMRParams, *, affine: np.ndarray | None = None, shape: Sequence[int] | None = None
+) -> np.ndarray:
+    """:func:`lesion_mask` with each lesion's own value: uint8, 0 outside, n + 1 inside ``params.lesions[n]``
+    (lesions do not overlap). The voxel truth of a labelled study (``inference.evaluation.dataset``)."""
     if (affine is None) != (shape is None):
         raise ValueError("pass both affine and shape, or neither")
     affine = params.affine if affine is None else np.asarray(affine, dtype=np.float64)
     grid = params.shape if shape is None else tuple(int(s) for s in shape)
     if len(grid) != 3 or affine.shape != (4, 4):
         raise ValueError(f"need a 3-D shape and a 4x4 affine, got {grid} and {affine.shape}")
-    mask = np.zeros(grid, dtype=bool)
-    for lesion in params.lesions:
+    if len(params.lesions) > 255:
+        raise ValueError(f"at most 255 lesions fit a uint8 label map, got {len(params.lesions)}")
+    labels = np.zeros(grid, dtype=np.uint8)
+    for number, lesion in enumerate(params.lesions, start=1):
         block = lesion.geometry.index_block(affine, grid, _lesion_pad_mm(affine))
         if block is None:
             continue
-        mask[block] |= lesion.geometry.signed_distance_mm(voxel_centers_mm(affine, block)) <= 0
-    return mask
+        inside = lesion.geometry.signed_distance_mm(voxel_centers_mm(affine, block)) <= 0
+        labels[block][inside] = number
+    return labels
 
 
 def _lesion_pad_mm(affine: np.ndarray) -> float:

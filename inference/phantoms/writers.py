@@ -66,6 +66,7 @@ def write_dicom_series(
     modality: str | None = None,
     transfer_syntax: str = ExplicitVRLittleEndian,
     file_prefix: str = "slice",
+    sop_instance_uids: Sequence[str] | None = None,
 ) -> list[Path]:
     """Write one single-frame DICOM file per slice into ``out_dir``; return the paths in slice order (k = 0..Z-1).
 
@@ -73,17 +74,20 @@ def write_dicom_series(
     -1024, so values round-trip to within 0.5 HU in [-33792, 31743] HU (clipped beyond); MR is stored rounded,
     intercept 0. With ``shuffle`` (True, or a Generator for a reproducible order) file names and
     InstanceNumbers are permuted independently, so readers must sort by geometry. ``transfer_syntax``
-    may be uncompressed or one of LOSSLESS_COMPRESSED_SYNTAXES.
+    may be uncompressed or one of LOSSLESS_COMPRESSED_SYNTAXES. ``sop_instance_uids`` (one per slice, in slice
+    order) replaces the random ones, e.g. for files that are the same on every run.
     """
     volume = _as_volume(phantom_or_volume)
     modality = (modality or volume.modality).upper()
     if modality not in _SOP_CLASS_BY_MODALITY:
         raise ValueError(f"cannot write modality {modality!r} as a DICOM series; supported: CT, MR")
     transfer_syntax = _check_transfer_syntax(transfer_syntax)
+    n_slices = volume.shape[2]
+    if sop_instance_uids is not None and len(sop_instance_uids) != n_slices:
+        raise ValueError(f"sop_instance_uids must hold one UID per slice ({n_slices}), got {len(sop_instance_uids)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    n_slices = volume.shape[2]
     name_order = np.arange(n_slices)
     instance_order = np.arange(n_slices)
     if isinstance(shuffle, np.random.Generator) or shuffle:
@@ -118,7 +122,7 @@ def write_dicom_series(
     paths = []
     for k in range(n_slices):
         ds = copy.deepcopy(header)
-        ds.SOPInstanceUID = generate_uid()
+        ds.SOPInstanceUID = generate_uid() if sop_instance_uids is None else sop_instance_uids[k]
         ds.file_meta = _file_meta(ds.SOPClassUID, ds.SOPInstanceUID, transfer_syntax)
         ds.InstanceNumber = int(instance_order[k]) + 1
         position = affine[:3, :3] @ np.array([0.0, 0.0, float(k)]) + affine[:3, 3]

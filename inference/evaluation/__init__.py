@@ -1,0 +1,52 @@
+"""Evaluate a model on a labelled dataset: the format, matching, metrics, FROC, paired comparison and reports.
+
+A client of the API like ``inference.client`` and the archive bridge: studies are read through a server over gRPC;
+nothing here imports torch, MONAI or the server's packages (tests/evaluation/test_layering.py).
+
+    dataset = load_dataset("mr_heldout/")
+    report = evaluate_on_server(dataset, ReadingClient("127.0.0.1:50051"), "brain_lesion_mr:2")
+    report.metrics("lesion")["sensitivity"]
+
+or, with findings obtained elsewhere, ``evaluate(dataset, findings_by_study)``; ``compare(report_a, report_b)`` gives
+the paired differences of two versions on the same studies.
+"""
+
+from inference.evaluation.compare import Comparison, compare, mcnemar_exact
+from inference.evaluation.dataset import Dataset, DatasetError, Study, TruthLesion, load_dataset, write_truth
+from inference.evaluation.froc import FROC_RATES, cpm, froc_curve, froc_points
+from inference.evaluation.matching import HIT_RADIUS_FLOOR_MM, Finding, match_findings
+from inference.evaluation.metrics import SIZE_BUCKETS, EvalReport, StudyResult, evaluate, size_bucket
+
+__all__ = [
+    "FROC_RATES",
+    "HIT_RADIUS_FLOOR_MM",
+    "SIZE_BUCKETS",
+    "Comparison",
+    "Dataset",
+    "DatasetError",
+    "EvalReport",
+    "Finding",
+    "Study",
+    "StudyResult",
+    "TruthLesion",
+    "compare",
+    "cpm",
+    "evaluate",
+    "evaluate_on_server",
+    "froc_curve",
+    "froc_points",
+    "load_dataset",
+    "match_findings",
+    "mcnemar_exact",
+    "size_bucket",
+    "write_truth",
+]
+
+
+def __getattr__(name: str) -> object:
+    # The reader imports grpc and the generated stubs: only for those who read through a server.
+    if name == "evaluate_on_server":
+        from inference.evaluation.reader import evaluate_on_server
+
+        return evaluate_on_server
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
