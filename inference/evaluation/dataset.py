@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,12 +82,6 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.studies)
-
-    def study(self, name: str) -> Study:
-        for study in self.studies:
-            if study.name == name:
-                return study
-        raise KeyError(f"no study {name!r} in the dataset {self.root}")
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -262,7 +256,3 @@ def _kind(value: object) -> str:
 def _short(value: object) -> str:
     text = json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def studies_by_name(studies: Sequence[Study]) -> dict[str, Study]:
-    return {study.name: study for study in studies}

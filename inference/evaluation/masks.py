@@ -151,9 +151,3 @@ def _group(frame: object, shared: object, name: str, where: str) -> object:
         if group is not None and name in group:  # type: ignore[operator]
             return getattr(group, name)[0]
     raise ValueError(f"{where}: the SEG has no {name} (a projection X-ray SEG has no plane to compare in 3-D)")
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float | None:
-    """2|a & b| / (|a| + |b|); None when both are empty."""
-    total = int(a.sum()) + int(b.sum())
-    return None if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
