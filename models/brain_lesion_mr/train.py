@@ -34,7 +34,6 @@ import datetime
 import json
 import logging
 import math
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -44,7 +43,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from monai.losses import DiceCELoss
 from scipy import ndimage
 
@@ -56,6 +54,16 @@ from inference.modelrepo.schema import ModelConfig
 from inference.phantoms.brain_mr import BrainMRParams, lesion_mask, render_brain_mr, sample_brain_mr_params
 from inference.postprocess.finding import Finding
 from inference.tasks.segmentation import SegmentationTask
+from inference.training import (
+    crop_with_padding,
+    machine_info,
+    match_by_score,
+    rng_stream,
+    setup,
+    time_reads,
+    warmup_cosine,
+    write_model_yaml,
+)
 
 logger = logging.getLogger("train_brain_lesion_mr")
 
@@ -97,10 +105,19 @@ MODEL_YAML: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class TrainSettings:
+    """One recipe; the defaults are version 1's (RECIPES)."""
+
     iterations: int = 3000
     batch_size: int = 4
     crop_voxels: tuple[int, int, int] = (48, 48, 48)  # 72 mm: a 40 mm lesion with its surroundings, cheap on a CPU
-    positive_fraction: float = 0.6  # crops holding a lesion voxel (lesions equally likely)
+    positive_fraction: float = 0.6  # crops holding a lesion voxel
+    # A positive crop's lesion is drawn with probability proportional to (its voxel count)^(-exponent / 3), i.e.
+    # 1 / diameter^exponent: 0 draws lesions uniformly (a small lesion as often as a large one), 1 favours small
+    # lesions by their size ratio (a 5 mm lesion 8x as often as a 40 mm one).
+    lesion_size_exponent: float = 0.0
+    # Dice per crop (a crop with a small lesion weighs as much as one with a large lesion) instead of over the
+    # batch (where the voxels of large lesions outweigh small ones).
+    dice_per_crop: bool = False
     head_fraction: float = 0.2  # crops centered in the head, lesion or not: the hard negatives; the rest anywhere
     learning_rate: float = 2e-3
     warmup_iterations: int = 20
@@ -120,11 +137,20 @@ class TrainSettings:
     timing_spacing_mm: float = 1.0
 
 
-RNG_STREAMS = {"train": 0, "crops": 1, "val": 2, "test": 3, "timing": 4}
-
-
-def _rng(seed: int, stream: str) -> np.random.Generator:
-    return np.random.default_rng([seed, RNG_STREAMS[stream]])
+# The committed versions and the settings that wrote them; the version directory's name picks its recipe.
+RECIPES: dict[str, TrainSettings] = {
+    "1": TrainSettings(),
+    # Small lesions: positive crops favour them, Dice per crop, more phantoms (so more distinct small lesions),
+    # longer training; the threshold and the score floor tuned on 3x the validation studies.
+    "2": TrainSettings(
+        iterations=5000,
+        train_phantoms=120,
+        val_phantoms=30,
+        lesion_size_exponent=1.0,
+        dice_per_crop=True,
+        threshold_grid=(0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9),
+    ),
+}
 
 
 def draw_params(rng: np.random.Generator, n_lesions: int | None, **kwargs: Any) -> BrainMRParams:
@@ -145,7 +171,7 @@ class TrainingStudy:
 
 
 def build_training_set(config: ModelConfig, seed: int, settings: TrainSettings) -> list[TrainingStudy]:
-    rng = _rng(seed, "train")
+    rng = rng_stream(seed, "train")
     studies = []
     n_lesions = 0
     for n in range(settings.train_phantoms):
@@ -183,21 +209,6 @@ def head_voxels(params: BrainMRParams, affine: np.ndarray, shape: Sequence[int],
     return index[params.tissue("head").region.contains(x, y, z)]
 
 
-def crop_with_padding(image: torch.Tensor, origin: np.ndarray, size: Sequence[int], pad_value: float) -> torch.Tensor:
-    """``image[:, origin : origin + size]`` where the window may reach outside the image (filled with pad_value)."""
-    out = torch.full((image.shape[0], *size), pad_value, dtype=torch.float32)
-    shape = np.asarray(image.shape[1:])
-    src_lo = np.maximum(origin, 0)
-    src_hi = np.minimum(origin + np.asarray(size), shape)
-    if np.all(src_hi > src_lo):
-        dst_lo = src_lo - origin
-        dst_hi = dst_lo + (src_hi - src_lo)
-        out[(slice(None), *(slice(a, b) for a, b in zip(dst_lo, dst_hi, strict=True)))] = image[
-            (slice(None), *(slice(a, b) for a, b in zip(src_lo, src_hi, strict=True)))
-        ].float()
-    return out
-
-
 def sample_crop(
     study: TrainingStudy, rng: np.random.Generator, settings: TrainSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,8 +217,14 @@ def sample_crop(
     shape = np.asarray(study.image.shape[1:])
     draw = rng.random()
     if study.lesion_voxels and draw < settings.positive_fraction:
-        # A lesion first, then one of its voxels: small lesions are seen as often as large ones.
-        lesion = study.lesion_voxels[rng.integers(len(study.lesion_voxels))]
+        # A lesion first, then one of its voxels: small lesions are seen at least as often as large ones.
+        if settings.lesion_size_exponent:
+            weights = np.array([len(v) for v in study.lesion_voxels], dtype=float) ** (
+                -settings.lesion_size_exponent / 3
+            )
+            lesion = study.lesion_voxels[rng.choice(len(weights), p=weights / weights.sum())]
+        else:
+            lesion = study.lesion_voxels[rng.integers(len(study.lesion_voxels))]
         voxel = lesion[rng.integers(len(lesion))]
         origin = voxel - np.array([rng.integers(s // 8, s - s // 8) for s in size])  # the voxel, off the crop's edge
     elif len(study.head_voxels) and draw < settings.positive_fraction + settings.head_fraction:
@@ -233,18 +250,15 @@ def train(config: ModelConfig, studies: list[TrainingStudy], settings: TrainSett
     network = SegmentationTask(config, torch.device("cpu")).build_network()
     logger.info("network: %d parameters", sum(p.numel() for p in network.parameters()))
     network.train()
-    # Dice of the lesion channel over the whole batch (crops without a lesion do not divide by zero), plus CE.
-    loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
+    # Dice of the lesion channel over the whole batch (crops without a lesion do not divide by zero), or per crop
+    # (a crop without a lesion then adds a constant with no gradient), plus cross-entropy.
+    loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=not settings.dice_per_crop)
     optimizer = torch.optim.Adam(network.parameters(), lr=settings.learning_rate)
 
-    def lr_factor(step: int) -> float:
-        if step < settings.warmup_iterations:
-            return (step + 1) / settings.warmup_iterations
-        progress = (step - settings.warmup_iterations) / max(1, settings.iterations - settings.warmup_iterations)
-        return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    rng = _rng(seed, "crops")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup=settings.warmup_iterations, total=settings.iterations)
+    )
+    rng = rng_stream(seed, "crops")
     start = time.perf_counter()
     running = 0.0
     for step in range(settings.iterations):
@@ -370,20 +384,12 @@ def read_studies(
 
 def match_study(study: StudyResult, tolerance_mm: float) -> tuple[list[int | None], int]:
     """One-to-one matching by decreasing score: each lesion's finding index (None: missed) and the FP count."""
-    order = sorted(range(len(study.findings)), key=lambda n: -study.findings[n]["score"])
-    matched: list[int | None] = [None] * len(study.lesions)
-    false_positives = 0
-    for n in order:
-        center = study.findings[n]["center_mm"]
-        best, best_d = None, tolerance_mm
-        for m, lesion in enumerate(study.lesions):
-            d = float(np.linalg.norm(np.subtract(center, lesion["center_mm"])))
-            if matched[m] is None and d <= best_d:
-                best, best_d = m, d
-        if best is None:
-            false_positives += 1
-        else:
-            matched[best] = n
+    matched, _, false_positives = match_by_score(
+        [f["center_mm"] for f in study.findings],
+        [f["score"] for f in study.findings],
+        [lesion["center_mm"] for lesion in study.lesions],
+        tolerance_mm,
+    )
     return matched, false_positives
 
 
@@ -483,7 +489,7 @@ def with_min_score(studies: list[StudyResult], min_score: float) -> list[StudyRe
 def time_reading(config: ModelConfig, network: torch.nn.Module, seed: int, settings: TrainSettings) -> dict[str, Any]:
     """Mean wall time of run_direct on typical 3-D T1 studies (after one warm-up read)."""
     task = SegmentationTask(config, torch.device("cpu"))
-    rng = _rng(seed, "timing")
+    rng = rng_stream(seed, "timing")
     volumes = [
         render_brain_mr(
             draw_params(
@@ -496,12 +502,7 @@ def time_reading(config: ModelConfig, network: torch.nn.Module, seed: int, setti
         ).volume
         for _ in range(settings.timing_studies)
     ]
-    run_direct(task, network, volumes[0], batch_size=config.batching.max_batch_size)
-    times = []
-    for volume in volumes:
-        start = time.perf_counter()
-        run_direct(task, network, volume, batch_size=config.batching.max_batch_size)
-        times.append(time.perf_counter() - start)
+    times = time_reads(task, network, volumes, config.batching.max_batch_size)
     return {
         "shape": list(settings.timing_shape),
         "spacing_mm": settings.timing_spacing_mm,
@@ -511,7 +512,7 @@ def time_reading(config: ModelConfig, network: torch.nn.Module, seed: int, setti
     }
 
 
-def write_model_yaml(path: Path, score_threshold: float, min_score: float = 0.0) -> ModelConfig:
+def write_config(path: Path, score_threshold: float, min_score: float = 0.0) -> ModelConfig:
     data = json.loads(json.dumps(MODEL_YAML))
     data["postprocessing"]["score_threshold"] = round(score_threshold, 2)
     data["postprocessing"]["min_score"] = round(min_score, 2)
@@ -520,29 +521,46 @@ def write_model_yaml(path: Path, score_threshold: float, min_score: float = 0.0)
         "# is tuned on validation phantoms so that no study has more than one false positive, and min_score\n"
         "# just under the lowest score of a lesion found there.\n"
     )
-    path.write_text(header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120))
-    return ModelConfig.from_yaml(path)
+    return write_model_yaml(path, data, header)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--out", type=Path, required=True, help="model version directory, e.g. models/brain_lesion_mr/1"
+        "--out", type=Path, required=True, help="model version directory, e.g. models/brain_lesion_mr/2"
     )
-    parser.add_argument("--iterations", type=int, default=TrainSettings.iterations)
+    parser.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default=None,
+        help="the settings of a committed version (default: the --out directory's name, else the newest)",
+    )
+    parser.add_argument("--iterations", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-studies", type=int, default=20, help="held-out test phantoms")
-    parser.add_argument("--train-phantoms", type=int, default=TrainSettings.train_phantoms)
-    parser.add_argument("--val-studies", type=int, default=TrainSettings.val_phantoms)
+    parser.add_argument("--train-phantoms", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--val-studies", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--card-only", action="store_true", help="rewrite MODEL_CARD.md from OUT/metrics.json (and OUT/eval/)"
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    torch.set_num_threads(args.threads)
+    setup(args.threads)
+    if args.card_only:
+        metrics = json.loads((args.out / "metrics.json").read_text())
+        config = ModelConfig.from_yaml(args.out / "model.yaml")
+        (args.out / "MODEL_CARD.md").write_text(render_model_card(config, metrics, server_eval(args.out)))
+        return 0
+    recipe = args.recipe or (args.out.name if args.out.name in RECIPES else max(RECIPES, key=int))
+    base = RECIPES[recipe]
     settings = dataclasses.replace(
-        TrainSettings(), iterations=args.iterations, train_phantoms=args.train_phantoms, val_phantoms=args.val_studies
+        base,
+        iterations=base.iterations if args.iterations is None else args.iterations,
+        train_phantoms=base.train_phantoms if args.train_phantoms is None else args.train_phantoms,
+        val_phantoms=base.val_phantoms if args.val_studies is None else args.val_studies,
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    config = write_model_yaml(args.out / "model.yaml", MODEL_YAML["postprocessing"]["score_threshold"])
+    config = write_config(args.out / "model.yaml", MODEL_YAML["postprocessing"]["score_threshold"])
 
     t0 = time.perf_counter()
     studies = build_training_set(config, args.seed, settings)
@@ -553,15 +571,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.save({k: v.float() for k, v in network.state_dict().items()}, args.out / "model.pt")
 
     t_eval = time.perf_counter()
-    val = read_studies(config, network, _rng(args.seed, "val"), settings.val_phantoms, settings.threshold_grid)
+    val = read_studies(config, network, rng_stream(args.seed, "val"), settings.val_phantoms, settings.threshold_grid)
     threshold, curve = tune_threshold(val, settings)
     min_score = tune_min_score(val[threshold], settings)
-    config = write_model_yaml(args.out / "model.yaml", threshold, min_score)
+    config = write_config(args.out / "model.yaml", threshold, min_score)
     val_metrics = evaluate(
         with_min_score(val[threshold], min_score), settings.hit_tolerance_mm, settings.small_lesion_mm
     )
     logger.info("validation at threshold %.2f, min_score %.2f: %s", threshold, min_score, json.dumps(val_metrics))
-    test = read_studies(config, network, _rng(args.seed, "test"), args.eval_studies, (threshold,))[threshold]
+    test = read_studies(config, network, rng_stream(args.seed, "test"), args.eval_studies, (threshold,))[threshold]
     test_metrics = evaluate(test, settings.hit_tolerance_mm, settings.small_lesion_mm)
     t_eval = time.perf_counter() - t_eval
     timing = time_reading(config, network, args.seed, settings)
@@ -569,10 +587,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = {
         "date": datetime.date.today().isoformat(),
         "command": (
-            f"python models/brain_lesion_mr/train.py --out {args.out} --iterations {args.iterations} "
-            f"--seed {args.seed} --eval-studies {args.eval_studies} --train-phantoms {args.train_phantoms} "
-            f"--val-studies {settings.val_phantoms}"
+            f"python models/brain_lesion_mr/train.py --out {args.out} --recipe {recipe} "
+            f"--iterations {settings.iterations} --seed {args.seed} --eval-studies {args.eval_studies} "
+            f"--train-phantoms {settings.train_phantoms} --val-studies {settings.val_phantoms}"
         ),
+        "recipe": recipe,
         "seed": args.seed,
         "settings": dataclasses.asdict(settings),
         "parameters": sum(p.numel() for p in network.parameters()),
@@ -588,11 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             **test_metrics,
         },
         "reading_time_typical": timing,
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "torch": torch.__version__,
-        },
+        "machine": machine_info(),
         "time_s": {
             "data": round(t_data, 1),
             "train": round(t_train, 1),
@@ -601,7 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     }
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (args.out / "MODEL_CARD.md").write_text(render_model_card(config, metrics))
+    (args.out / "MODEL_CARD.md").write_text(render_model_card(config, metrics, server_eval(args.out)))
     logger.info("test: %s", json.dumps(metrics["test"]))
     logger.info("reading time: %s", json.dumps(timing))
     logger.info("done in %.0f s", total_s)
@@ -622,9 +637,102 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f} %"
 
 
-def render_model_card(config: ModelConfig, m: dict[str, Any]) -> str:
-    """MODEL_CARD.md with this run's numbers."""
+# The bar of issue 16 for the brain model, on held-out phantoms read through the server.
+BAR = {"large_sensitivity": 0.95, "small_sensitivity": 0.70, "max_fp_in_a_study": 1}
+
+
+def server_eval(out: Path) -> str:
+    """The card's section on a held-out set read through the server by ``radserve eval`` (``OUT/eval/eval.json``,
+    written by the command the section quotes), or "" when the version has not been measured so."""
+    path = out / "eval" / "eval.json"
+    if not path.exists():
+        return ""
+    body = json.loads(path.read_text())
+    label = body["labels"]["lesion"]
+    overall, buckets = label["overall"], label["buckets"]
+    manifest = body.get("dataset_manifest") or {}
+
+    def group(names: Sequence[str]) -> tuple[int, int]:
+        return sum(buckets[n]["lesions"] for n in names), sum(buckets[n]["hits"] for n in names)
+
+    large, small = group(["10-20", ">=20"]), group(["<6", "6-10"])
+    rate = lambda pair: pair[1] / pair[0] if pair[0] else None  # noqa: E731
+    met = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
+    large_ok = rate(large) is not None and rate(large) >= BAR["large_sensitivity"]
+    fp_ok = overall["fp_max_in_a_study"] <= BAR["max_fp_in_a_study"]
+    small_ok = rate(small) is not None and rate(small) >= BAR["small_sensitivity"]
+    rows = "\n".join(
+        f"| {name} mm | {b['lesions']} | {b['hits']} | {_pct(b['sensitivity'])} | {_num(b['cpm'])} |"
+        for name, b in buckets.items()
+    )
+    seg = label.get("segmentation") or {}
+    dice = (seg.get("dice_per_study") or {}).get("mean")
+    lesion_wise = ((seg.get("lesion_wise") or {}).get("overall")) or {}
+    compare = body.get("compare")
+    paired = ""
+    if compare:
+        c = compare["paired"]
+        entry = c["labels"]["lesion"]
+        diff = lambda m: f"{entry[m]['difference']:+.3f} [{entry[m]['ci95'][0]:+.3f}, {entry[m]['ci95'][1]:+.3f}]"  # noqa: E731
+        les = entry["lesions"]
+        paired = f"""
+Paired with `{c["a"]}` on the same studies (difference `{c["b"]}` - `{c["a"]}`, 95 % bootstrap interval over
+studies): sensitivity {diff("sensitivity")}, false positives per study {diff("fp_per_study")}, CPM {diff("cpm")};
+lesions found by both {les["both"]}, only by {c["a"]} {les["only_a"]}, only by {c["b"]} {les["only_b"]}, by neither
+{les["neither"]} (exact McNemar p = {les["mcnemar_p"]:.3g}).
+"""
+    return f"""
+## Held-out phantoms read through the server (`radserve eval`)
+
+{body["studies"]} studies written by `radserve phantoms make --modality MR --count {manifest.get("count")} --seed \
+{manifest.get("seed")}` (the generator's full ranges: lesions of 5-40 mm, bright and dark, bias fields of 5-20 %,
+slices of 1-5 mm; seeds apart from the training script's), read on {body["date"][:10]} by
+`radserve eval DATASET --model {body["model"]}:{body["model_version"]}{
+        " --compare " + compare["paired"]["a"] if compare else ""
+    } --out {out}/eval` through the server on the CPU (`eval/eval.json`, `eval/froc.png`). A hit is a finding whose
+center lies within the lesion's radius (at least 3 mm), one finding per lesion.
+
+| lesions | count | found | sensitivity | CPM |
+|---|---|---|---|---|
+| all | {overall["lesions"]} | {overall["hits"]} | {_pct(overall["sensitivity"])} | {_num(overall["cpm"])} |
+{rows}
+
+False positives: {overall["false_positives"]} in {overall["studies"]} studies ({
+        _num(overall["fp_per_study"])
+    } per study),
+at most {overall["fp_max_in_a_study"]} in one study; {
+        overall["studies_with_more_than_one_fp"]
+    } studies with more than one.
+Dice per study {_num(dice)} (mean over the studies with lesion voxels); lesion-wise, the mask covers
+{lesion_wise.get("detected")} of {lesion_wise.get("lesions")} lesions.
+
+The bar of issue 16 on these studies: lesions of 10 mm and more found at >= 95 % with at most 1 false positive in any
+study: {large[1]} of {large[0]} ({_pct(rate(large))}), at most {overall["fp_max_in_a_study"]} false positive(s) in a
+study, {met(large_ok and fp_ok)}; lesions of 5-10 mm at >= 70 %: {small[1]} of {small[0]} ({_pct(rate(small))}),
+{met(small_ok)}.
+{paired}"""
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _sampling_words(s: dict[str, Any]) -> str:
+    exponent = s.get("lesion_size_exponent", 0.0)
+    if not exponent:
+        return "a lesion drawn uniformly, so small lesions are seen as often\nas large ones"
+    return (
+        f"a lesion drawn with probability proportional to 1 / diameter^{exponent:g}\n(from its voxel count), so "
+        "small lesions are seen more often than large ones"
+    )
+
+
+def render_model_card(config: ModelConfig, m: dict[str, Any], server: str = "") -> str:
+    """MODEL_CARD.md with this run's numbers, and ``server``: the section on the held-out set read through the
+    server (``server_eval``), when there is one."""
     t, s, timing, val = m["test"], m["settings"], m["reading_time_typical"], m["validation"]
+    version = m.get("recipe", config.version)
+    dice_over = "each crop" if s.get("dice_per_crop") else "the batch"
     net = config.network.args
     sens, n_les = t["sensitivity"], t["lesions"]
     small = f"{s['small_lesion_mm']:g}mm"
@@ -633,7 +741,7 @@ def render_model_card(config: ModelConfig, m: dict[str, Any]) -> str:
     d = t["dice_per_study"]
     dice_row = f"{fmt(d['mean'])} (median {fmt(d['median'])}, min {fmt(d['min'])})"
     contrast_row = f"{_pct(sens['bright'])} / {_pct(sens['dark'])}"
-    return f"""# brain_lesion_mr — model card
+    return f"""# brain_lesion_mr version {version} — model card
 
 Written by `models/brain_lesion_mr/train.py` on {m["date"]}; the numbers below are that run's.
 
@@ -680,10 +788,10 @@ Target: the analytic lesions evaluated at the preprocessed grid's voxel centers.
 
 ## Training
 
-MONAI `DiceCELoss` (softmax; Dice of the lesion channel over the batch, plus cross-entropy).
+MONAI `DiceCELoss` (softmax; Dice of the lesion channel over {dice_over}, plus cross-entropy).
 {s["iterations"]} iterations of {s["batch_size"]} random {"x".join(map(str, s["crop_voxels"]))} crops
-({s["positive_fraction"]:.0%} holding a voxel of a lesion drawn uniformly, so small lesions are seen as often
-as large ones; {s["head_fraction"]:.0%} centered anywhere in the head, the hard negatives; the rest anywhere;
+({s["positive_fraction"]:.0%} holding a voxel of {_sampling_words(s)};
+{s["head_fraction"]:.0%} centered anywhere in the head, the hard negatives; the rest anywhere;
 random flips, intensity jitter); Adam, lr {s["learning_rate"]:g} with
 warm-up and cosine decay. Training took {m["time_s"]["train"] / 60:.1f} min (data {m["time_s"]["data"] / 60:.1f}
 min) on the machine below; the whole script, evaluation included, {m["time_s"]["total"] / 60:.1f} min.
@@ -719,7 +827,7 @@ voxels whose center lies in a planted lesion, per study with at least one lesion
 Localisation error of the hits: median {fmt(err["median"])} mm, 90th percentile {fmt(err["p90"])} mm, max
 {fmt(err["max"])} mm. Absolute relative volume error of the hits: median {fmt(vol["median"])}, 90th percentile
 {fmt(vol["p90"])}. Mean reading time of the test studies {t["mean_read_s"]} s (max {t["max_read_s"]} s).
-
+{server}
 ## Reading time
 
 A {"x".join(map(str, timing["shape"]))} study at {timing["spacing_mm"]:g} mm (a 3-D T1), `run_direct` with
