@@ -36,6 +36,7 @@ from inference.errors import (
 from inference.io.dicom import hash_uid
 from inference.io.limits import InputLimits
 from inference.modelrepo.registry import ModelListing, ModelRegistry, VersionState
+from inference.outputs.algorithm import Algorithm
 from inference.outputs.derived import DerivedObjects, build_derived
 from inference.postprocess.finding import Finding
 
@@ -207,9 +208,7 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
                     volume,
                     result.findings,
                     result.masks,
-                    model_name=runner.config.name,
-                    model_version=runner.config.version,
-                    weights_sha256=runner.weights_sha256,
+                    algorithm=Algorithm(runner.config.name, runner.config.version, runner.weights_sha256),
                     want_sr=pb.DICOM_SR in wanted,
                     want_seg=pb.DICOM_SEG in wanted,
                     source_files=[bytes(f) for f in upload.files] if pb.DICOM_SEG in wanted else (),
