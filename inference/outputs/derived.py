@@ -1,4 +1,4 @@
-"""The DICOM objects a read asked for, built from its findings and masks and encoded for the response.
+"""The DICOM objects (and FHIR Bundle) a read asked for, built from its findings and masks and encoded.
 
 The SEG is built first, so that the SR can reference its segments: segment N of the SEG is finding N, and the
 SR's groups of finding N reference it (``inference.outputs.sr``). Both take the same per-finding voxels
@@ -19,6 +19,7 @@ from inference.errors import UnsupportedError
 from inference.io.volume import Volume
 from inference.outputs import encode_dataset
 from inference.outputs.algorithm import Algorithm
+from inference.outputs.fhir import build_fhir_report, encode_fhir
 from inference.outputs.regions import finding_masks
 from inference.outputs.seg import build_segmentation
 from inference.outputs.sr import build_measurement_report
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 class DerivedObjects:
     sr: bytes = b""
     seg: bytes = b""
+    fhir: bytes = b""  # the FHIR R4 Bundle, JSON
     warnings: list[str] = field(default_factory=list)
 
 
@@ -55,9 +57,11 @@ def build_derived(
     algorithm: Algorithm,
     want_sr: bool,
     want_seg: bool,
+    want_fhir: bool = False,
     source_files: Sequence[bytes] = (),
 ) -> DerivedObjects:
-    """Build and encode the SEG and/or SR of a read; ``masks`` are the model's (None: the boxes are rendered).
+    """Build and encode the SEG, SR and FHIR Bundle a read asked for; ``masks`` are the model's (None: the boxes are
+    rendered). The FHIR Bundle refers to the SR by its UID, and to the SEG when this read made one.
 
     Their UIDs derive from the source and the model (``inference.outputs.uids``): the same read gives the same UIDs.
     A SEG without findings is not built (a warning says so); a SEG of a NIfTI or raw volume is UnsupportedError.
@@ -83,7 +87,11 @@ def build_derived(
                 rendered=rendered,
             )
             out.seg = encode_dataset(segmentation)
+    report = None
     if want_sr:
         report = build_measurement_report(volume, findings, algorithm=algorithm, masks=masks, segmentation=segmentation)
         out.sr = encode_dataset(report)
+    if want_fhir:
+        bundle = build_fhir_report(volume, findings, algorithm=algorithm, report=report, segmentation=segmentation)
+        out.fhir = encode_fhir(bundle)
     return out
