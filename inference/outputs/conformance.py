@@ -31,6 +31,10 @@ EXPECTED_WARNINGS: dict[str, tuple[re.Pattern[str], ...]] = {
         # IHE AIR's Device UID in the algorithm's Contributing Equipment item: dicom3tools' 2022 tables predate it.
         re.compile(r"Attribute is not present in standard DICOM IOD - \(0x0018,0x1002\) UI Device UID"),
         re.compile(r"Dicom dataset contains attributes not present in standard DICOM IOD - this is a Standard Ext"),
+        # A source without PatientID, StudyDate, StudyTime or StudyID: carried empty (Type 2), never invented.
+        re.compile(
+            r"Missing attribute or value that would be needed to build DICOMDIR - (Patient ID|Study (Date|Time|ID))"
+        ),
         # The private coding schemes, declared in the Coding Scheme Identification Sequence.
         re.compile(r"Unrecognized defined term <99(IHE|RADSERVE)> for value 1 of attribute <Coding Scheme Designator>"),
     ),
