@@ -7,10 +7,13 @@ cannot repeat. :func:`patient_study_header` prepares a copy of the source header
 
 * each Type 2 attribute of those modules (``PATIENT_STUDY_TYPE2``) is present, empty when the source lacks it:
   DICOM's "unknown", never a made-up value;
-* a DA, TM or DT value that does not parse is copied as empty (the read is not failed for it);
-* PatientSex outside its enumerated values (M, F, O) is copied as empty;
-* PatientOrientation, which a projection X-ray SEG must carry (Type 2C in its General Image module), is kept
-  when it holds two valid values, else empty.
+* a patient or study value its VR does not allow (too long, a DA, TM or DT that does not parse, characters outside
+  the VR's set: ``pydicom.valuerep.validate_value``) is copied as empty when the attribute is Type 2 here, else
+  left out; the read is not failed for it. UIDs are kept as they are: they name the study the objects join;
+* PatientSex outside its enumerated values (M, F, O) is copied as empty.
+
+:func:`patient_orientation` gives what a projection X-ray SEG must carry as PatientOrientation (Type 2C in its
+General Image module): the source's when it holds two valid values, else empty.
 
 Nothing from the header is ever logged or put into an exception message.
 """
@@ -21,8 +24,9 @@ import copy
 import re
 from collections.abc import Sequence
 
+from pydicom import config
 from pydicom.dataset import Dataset
-from pydicom.valuerep import DA, DT, TM
+from pydicom.valuerep import validate_value
 
 PATIENT_STUDY_TYPE2 = (
     "PatientName",
@@ -35,14 +39,22 @@ PATIENT_STUDY_TYPE2 = (
     "StudyTime",
     "ReferringPhysicianName",
 )
-_DATES_TIMES = (
-    ("PatientBirthDate", DA),
-    ("PatientBirthTime", TM),
-    ("StudyDate", DA),
-    ("StudyTime", TM),
-    ("SeriesDate", DA),
-    ("SeriesTime", TM),
-    ("AcquisitionDateTime", DT),
+# The VRs of text, number, date and time values checked against their VR (UIDs, sequences and binary data are not).
+_CHECKED_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UT"})
+# The study-level attributes (General Study, Patient Study modules) outside the patient group 0x0010 that the
+# derived objects copy; image-level attributes are left as the reader accepted them.
+_STUDY_LEVEL = frozenset(
+    {
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+        "StudyDescription",
+        "StudyID",
+        "PhysiciansOfRecord",
+        "NameOfPhysiciansReadingStudy",
+        "AdmittingDiagnosesDescription",
+    }
 )
 _PATIENT_SEX = frozenset({"M", "F", "O"})
 # A patient orientation value: directions from {A, P, R, L, H, F} (quadruped terms included), up to 3 letters each.
@@ -57,22 +69,30 @@ def patient_study_header(header: Dataset | None) -> Dataset:
             if element.tag.group in (0x7FE0, 0x0002):  # pixel data, file meta
                 continue
             out.add(copy.deepcopy(element))
+    for element in list(out):
+        copied = element.tag.group == 0x0010 or element.keyword in _STUDY_LEVEL
+        if copied and element.VR in _CHECKED_VRS and not _valid(element.VR, element.value):
+            if element.keyword in PATIENT_STUDY_TYPE2:
+                element.value = ""
+            else:
+                del out[element.tag]
     for keyword in PATIENT_STUDY_TYPE2:
         if keyword not in out or out[keyword].value is None:
             setattr(out, keyword, "")
-    for keyword, parse in _DATES_TIMES:
-        value = out.get(keyword)
-        if not value:
-            continue
-        try:
-            if parse(str(value)) is None:
-                raise ValueError("empty")
-        except (TypeError, ValueError, OverflowError):
-            setattr(out, keyword, "")
     if str(out.get("PatientSex", "")).strip().upper() not in _PATIENT_SEX:
         out.PatientSex = ""
-    out.PatientOrientation = patient_orientation(header)
     return out
+
+
+def _valid(vr: str, value: object) -> bool:
+    values = value if isinstance(value, Sequence) and not isinstance(value, str | bytes) else [value]
+    try:
+        for item in values:
+            if item is not None and item != "":
+                validate_value(vr, item, config.RAISE)
+    except (ValueError, TypeError, OverflowError):
+        return False
+    return True
 
 
 def patient_orientation(header: Dataset | None) -> list[str] | str:
@@ -86,21 +106,7 @@ def patient_orientation(header: Dataset | None) -> list[str] | str:
 
 
 def fit_source_datasets(datasets: Sequence[Dataset]) -> list[Dataset]:
-    """The source datasets for a SEG, each with the patient and study attributes of :func:`patient_study_header`.
-
-    highdicom copies the Patient and Study modules from the first one and fails on an absent Type 2 attribute; the
-    others are given the same values so that they agree with it. The inputs are not modified.
-    """
-    replaced = (*PATIENT_STUDY_TYPE2, "PatientBirthTime", "SeriesDate", "SeriesTime")
-    fitted = []
-    for ds in datasets:
-        header = patient_study_header(ds)
-        fixed = Dataset()  # a new dataset sharing the elements it does not replace (pydicom's copies share them all)
-        for element in ds:
-            if element.keyword not in replaced:
-                fixed.add(element)
-        for keyword in replaced:
-            if keyword in header:
-                setattr(fixed, keyword, header[keyword].value)
-        fitted.append(fixed)
-    return fitted
+    """The source datasets for a SEG, each prepared by :func:`patient_study_header` (copies: the inputs are not
+    modified). highdicom copies the Patient and Study modules from the first and fails on an absent Type 2
+    attribute; all are prepared alike, so that they agree."""
+    return [patient_study_header(ds) for ds in datasets]

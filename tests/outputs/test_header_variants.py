@@ -1,9 +1,10 @@
 """A corpus of header variants: any study radserve reads yields its SR and SEG, valid, with the source's values.
 
-Each Type 2 patient and study attribute absent or empty, private tags, a UTF-8 patient name, malformed values,
-Enhanced CT and MR multi-frame, MONOCHROME1 DX, CR and DX. Each variant is written, read by the DICOM reader, and
-given the findings a perfect model would report (the planted truth); ``build_derived`` makes its SR and SEG, exactly
-as a read through the server does. An attribute the source lacks is carried empty, never invented.
+Each Type 2 patient and study attribute absent or empty, private tags, a UTF-8 patient name, malformed values and
+values too long for their VR, Enhanced CT and MR multi-frame, MONOCHROME1 DX, CR and DX. Each variant is written,
+read by the DICOM reader, and given the findings a perfect model would report (the planted truth); ``build_derived``
+makes its SR and SEG, exactly as a read through the server does. An attribute the source lacks is carried empty,
+never invented; a value its VR forbids is carried empty (Type 2) or left out.
 """
 
 from __future__ import annotations
@@ -76,6 +77,13 @@ def _malformed(ds: pydicom.Dataset) -> None:
     ds.StudyTime = "25:61"  # not TM
 
 
+def _too_long(ds: pydicom.Dataset) -> None:
+    ds.AccessionNumber = "A" * 20  # SH: at most 16
+    ds.PatientID = "P" * 70  # LO: at most 64
+    ds.StudyDescription = "D" * 80  # LO, Type 3: left out
+    ds.PatientAge = "forty"  # AS
+
+
 def _anonymised(ds: pydicom.Dataset) -> None:
     for keyword in PATIENT_STUDY_TYPE2:
         if keyword in ds and keyword not in ("PatientID",):
@@ -88,6 +96,7 @@ VARIANTS = [
     Variant("private tags", "ct", _private_tags),
     Variant("UTF-8 patient name", "ct", _utf8_name),
     Variant("malformed values", "ct", _malformed),
+    Variant("values too long for their VR", "ct", _too_long),
     Variant("Enhanced CT, anonymised", "ct_enhanced", _anonymised),
     Variant("Enhanced MR", "mr_enhanced", _remove("PatientSex")),
     Variant("DX MONOCHROME1, anonymised", "xray", _anonymised, ("DX", "MONOCHROME1")),
@@ -184,10 +193,12 @@ def test_a_header_variant_gets_a_valid_sr_and_seg_carrying_its_values(variant: V
         for keyword in PATIENT_STUDY_TYPE2:
             assert keyword in ds, (name, keyword)  # Type 2: present...
             value = source.get(keyword)
-            malformed = variant.name == "malformed values" and keyword in _MALFORMED
+            malformed = keyword in _MALFORMED.get(variant.name, ())
             expected = "" if value is None or malformed else value
             assert str(ds[keyword].value or "") == str(expected or ""), (name, keyword)  # ...and never invented
         assert not any(element.tag.is_private for element in ds.iterall()), name  # private tags stay behind
+        if variant.name == "values too long for their VR":
+            assert "StudyDescription" not in ds and "PatientAge" not in ds
         if variant.name == "UTF-8 patient name":
             assert str(ds.PatientName) == "Müller^Jürgen=山田^太郎" and "ISO_IR 192" in ds.SpecificCharacterSet
     seg = hd.seg.segread(tmp_path / "seg.dcm")
@@ -200,4 +211,7 @@ def test_a_header_variant_gets_a_valid_sr_and_seg_carrying_its_values(variant: V
     assert tracking == {description.TrackingUID for description in seg.SegmentSequence}
 
 
-_MALFORMED = ("PatientSex", "PatientBirthDate", "StudyTime")
+_MALFORMED = {
+    "malformed values": ("PatientSex", "PatientBirthDate", "StudyTime"),
+    "values too long for their VR": ("AccessionNumber", "PatientID"),
+}
