@@ -139,6 +139,14 @@ def evaluate(
         match = match_findings(study.lesions, findings, where=f"study {study.name}: ")
         segmentation = segmentations.get(study.name) if study.mask is not None else None
         results.append(StudyResult(study.name, study.lesions, findings, match, segmentation))
+    truth_labels = {lesion.label for study in dataset.studies for lesion in study.lesions}
+    found_labels = {f.label for result in results for f in result.findings}
+    if truth_labels and found_labels and not truth_labels & found_labels:
+        warnings = [
+            *warnings,
+            f"the truth's labels ({', '.join(sorted(truth_labels))}) and the findings' "
+            f"({', '.join(sorted(found_labels))}) have none in common: a hit needs the lesion's label",
+        ]
     return EvalReport(tuple(results), model, model_version, str(dataset.root), tuple(warnings))
 
 

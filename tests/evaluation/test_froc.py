@@ -73,3 +73,12 @@ def test_a_report_counts_lesions_hits_and_false_positives_per_label_and_bucket(t
     assert (mass["lesions"], mass["hits"], mass["false_positives"]) == (1, 0, 1)
     # The mass finding (0.95) is a false positive: 1 FP over 4 studies = 1/4 FP per study, no hit at any rate.
     assert mass["cpm"] == 0.0
+
+
+def test_labels_that_never_meet_are_warned_about(tmp_path):
+    study = Study("a", tmp_path, (TruthLesion("Nodule", (0, 0, 0), 8.0),), (tmp_path,), False)
+    report = evaluate(Dataset(tmp_path, (study,)), {"a": [Finding("nodule", 0.9, (0, 0, 0), 8.0)]})
+    assert report.metrics("Nodule")["hits"] == 0 and report.metrics("nodule")["false_positives"] == 1
+    assert report.warnings == (
+        "the truth's labels (Nodule) and the findings' (nodule) have none in common: a hit needs the lesion's label",
+    )
