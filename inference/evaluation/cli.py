@@ -37,7 +37,7 @@ def add_parser(sub: Any, add_server_flags: Callable[[argparse.ArgumentParser], N
 
 
 def main(args: argparse.Namespace, client_factory: Callable[[argparse.Namespace], Any]) -> int:
-    from inference.evaluation.compare import compare
+    from inference.evaluation.paired import compare
     from inference.evaluation.reader import EvalReadError, ModelRef, StudyReading, read_dataset, report_from_readings
     from inference.evaluation.report import format_comparison, format_report, write_froc_png, write_json
 

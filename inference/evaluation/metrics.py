@@ -15,7 +15,7 @@ For studies with a truth mask and the server's DICOM SEG, per label: Dice per st
 voxels of the label) and pooled over them, and lesion-wise detection: a truth lesion is detected when the predicted
 mask covers at least one of its voxels (lesions without a voxel in the mask, e.g. a 5 mm lesion between slice
 centers, are counted apart). The report keeps every study's findings and matching, so that versions can be
-compared study by study (``inference.evaluation.compare``).
+compared study by study (``inference.evaluation.paired``).
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from inference.evaluation.compare import COMPARED, Comparison
 from inference.evaluation.froc import FROC_RATES, RATE_NAMES
 from inference.evaluation.metrics import SIZE_BUCKETS, EvalReport, froc_of
+from inference.evaluation.paired import COMPARED, Comparison
 
 
 def _pct(value: float | None) -> str:
