@@ -203,6 +203,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="a fixed size, COLUMNSxROWSxSLICES for CT and MR, ROWSxCOLUMNS for DX (default: the phantoms' ranges)",
     )
+    make.add_argument(
+        "--bias-amplitude",
+        type=float,
+        default=None,
+        help="MR: the bias field's typical relative deviation, e.g. 0.35 (default: drawn, 5-20 %%)",
+    )
     return parser
 
 

@@ -46,9 +46,16 @@ def study_uid(seed: int, modality: str, index: int, role: str) -> str:
 
 
 def make_study(
-    out: Path, modality: str, index: int, *, seed: int, shape: Sequence[int] | None = None
+    out: Path,
+    modality: str,
+    index: int,
+    *,
+    seed: int,
+    shape: Sequence[int] | None = None,
+    bias_amplitude: float | None = None,
 ) -> list[TruthLesion]:
-    """Write study ``index`` of the set into ``out`` (created); returns its truth."""
+    """Write study ``index`` of the set into ``out`` (created); returns its truth. ``bias_amplitude`` (MR) fixes the
+    bias field's typical relative deviation instead of drawing it (5-20 %)."""
     modality = modality.upper()
     rng = np.random.default_rng(np.random.SeedSequence([seed, _MODALITY_KEY[modality], index]))
     out.mkdir(parents=True, exist_ok=False)
@@ -75,7 +82,8 @@ def make_study(
             phantom = make_chest_ct(rng, **({"shape": tuple(shape)} if shape else {}))
             attributes: list[dict[str, Any]] = [{} for _ in phantom.lesions]
         else:
-            params = sample_brain_mr_params(rng, **({"shape": tuple(shape)} if shape else {}))
+            options: dict[str, Any] = {"bias_amplitude": bias_amplitude} if bias_amplitude is not None else {}
+            params = sample_brain_mr_params(rng, **options, **({"shape": tuple(shape)} if shape else {}))
             phantom = render_brain_mr(params)
             attributes = [{"contrast": lesion.contrast} for lesion in params.lesions]
             mask = MASK_FILE
@@ -107,6 +115,7 @@ def make_dataset(
     *,
     seed: int = 0,
     shape: Sequence[int] | None = None,
+    bias_amplitude: float | None = None,
     progress: Callable[[int, int, Path, list[TruthLesion]], None] | None = None,
 ) -> list[Path]:
     """Write ``count`` studies of ``modality`` (CT, MR or DX) into the new or empty folder ``out``."""
@@ -115,6 +124,8 @@ def make_dataset(
         raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
+    if bias_amplitude is not None and (modality != "MR" or not 0.0 <= bias_amplitude <= 1.0):
+        raise ValueError(f"a bias amplitude is for MR, between 0 and 1, got {bias_amplitude} for {modality}")
     if shape is not None and len(shape) != (2 if modality == "DX" else 3):
         form = "ROWSxCOLUMNS" if modality == "DX" else "COLUMNSxROWSxSLICES"
         raise ValueError(f"a {modality} shape is {form}, got {'x'.join(map(str, shape))}")
@@ -126,7 +137,7 @@ def make_dataset(
     digits = max(4, len(str(count - 1)))
     for index in range(count):
         folder = out / f"study_{index:0{digits}d}"
-        lesions = make_study(folder, modality, index, seed=seed, shape=shape)
+        lesions = make_study(folder, modality, index, seed=seed, shape=shape, bias_amplitude=bias_amplitude)
         folders.append(folder)
         if progress is not None:
             progress(index + 1, count, folder, lesions)
@@ -137,6 +148,7 @@ def make_dataset(
         "count": count,
         "seed": seed,
         "shape": list(shape) if shape else None,
+        "bias_amplitude": bias_amplitude,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return folders
@@ -165,7 +177,15 @@ def main(args: argparse.Namespace) -> int:
         print(f"[{done}/{total}] {folder.name}: lesions (mm) {sizes}", file=sys.stderr)
 
     try:
-        make_dataset(args.out, args.modality, args.count, seed=args.seed, shape=shape, progress=progress)
+        make_dataset(
+            args.out,
+            args.modality,
+            args.count,
+            seed=args.seed,
+            shape=shape,
+            bias_amplitude=args.bias_amplitude,
+            progress=progress,
+        )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -69,6 +69,10 @@ def test_the_command_refuses_a_used_folder_and_a_bad_shape(tmp_path, capsys):
     assert "a DX shape is ROWSxCOLUMNS, got 64x64x3" in capsys.readouterr().err
     assert main(["phantoms", "make", "--modality", "MR", "--count", "1", "--out", new, "--shape", "big"]) == 2
     assert "--shape must be sizes joined by x" in capsys.readouterr().err
-    assert main(["phantoms", "make", "--modality", "MR", "--count", "1", "--out", new, "--shape", "32x32x16"]) == 0
+    assert main(["phantoms", "make", "--modality", "CT", "--count", "1", "--out", new, "--bias-amplitude", "0.3"]) == 2
+    assert "a bias amplitude is for MR, between 0 and 1, got 0.3 for CT" in capsys.readouterr().err
+    args = ["--shape", "32x32x16", "--bias-amplitude", "0.35"]
+    assert main(["phantoms", "make", "--modality", "MR", "--count", "1", "--out", new, *args]) == 0
     captured = capsys.readouterr()
     assert "[1/1] study_0000" in captured.err and "wrote 1 MR studies" in captured.out
+    assert json.loads((Path(new) / "dataset.json").read_text())["bias_amplitude"] == 0.35
