@@ -101,7 +101,8 @@ def write_json(
 
 
 def write_froc_png(path: Path, reports: Sequence[EvalReport]) -> None:
-    """One panel per label: each report's FROC curve (FP per study on a log2 axis, 1/8 to 8) with its CPM points."""
+    """One panel per label: each report's FROC points (FP per study on a log2 axis, 1/8 to 8) and its operating
+    points as steps; for a single report, each size bucket's FROC points as well."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,6 +132,18 @@ def write_froc_png(path: Path, reports: Sequence[EvalReport]) -> None:
                     color=color,
                     label=f"{name} (CPM {m['cpm']:.3f}, {m['lesions']} lesions)",
                 )
+        if len(reports) == 1:  # one version: its size buckets too, dashed (with --compare the plot keeps to overall)
+            for k, (bucket, _, _) in enumerate(SIZE_BUCKETS):
+                b = reports[0].metrics(label, bucket)
+                if b["froc"] is not None:
+                    ax.plot(
+                        FROC_RATES,
+                        [b["froc"][name_] for name_ in RATE_NAMES],
+                        "--",
+                        color=f"C{k + 1}",
+                        linewidth=1,
+                        label=f"{bucket} mm ({b['lesions']} lesions, CPM {b['cpm']:.3f})",
+                    )
         ax.set_xscale("log", base=2)
         ax.set_xticks(FROC_RATES, RATE_NAMES)
         ax.set_xlim(FROC_RATES[0] / 1.5, FROC_RATES[-1] * 1.5)
