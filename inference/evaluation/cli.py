@@ -79,13 +79,14 @@ def main(args: argparse.Namespace, client_factory: Callable[[argparse.Namespace]
     finally:
         client.close()
 
-    comparison = compare(reports[0], reports[1], resamples=args.resamples) if len(reports) == 2 else None
-    print("\n\n".join(format_report(r) for r in reports))
-    if comparison is not None:
-        print("\n" + format_comparison(comparison))
-    if args.out is not None:
+    # The --compare version is the baseline a, the --model version b: differences read "the model against it".
+    comparison = compare(reports[1], reports[0], resamples=args.resamples) if len(reports) == 2 else None
+    if args.out is not None:  # the files first: a closed pipe on stdout must not lose them
         args.out.mkdir(parents=True, exist_ok=True)
         write_json(args.out / "eval.json", reports[0], reports[1:], comparison)
         write_froc_png(args.out / "froc.png", reports)
         print(f"wrote {args.out / 'eval.json'} and {args.out / 'froc.png'}", file=sys.stderr)
+    print("\n\n".join(format_report(r) for r in reports))
+    if comparison is not None:
+        print("\n" + format_comparison(comparison))
     return 0

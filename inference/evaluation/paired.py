@@ -141,4 +141,4 @@ def mcnemar_exact(b: int, c: int) -> float:
     if n == 0:
         return 1.0
     tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n
-    return round(min(1.0, 2.0 * tail), 4)
+    return float(f"{min(1.0, 2.0 * tail):.4g}")
