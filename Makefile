@@ -60,8 +60,9 @@ bench: venv  ## the quick CPU benchmark (< 5 min on 2 cores): real server vs dir
 
 MODELS_TRAINED ?= lung_nodule_ct brain_lesion_mr chest_xray
 MODEL ?= $(MODELS_TRAINED)
-train: venv  ## retrain the bundled models from their seeded scripts (MODEL=name for one)
-	for m in $(MODEL); do $(PY) models/$$m/train.py --out models/$$m/1 || exit 1; done
+train: venv  ## retrain the bundled models from their seeded scripts, every version (MODEL=name for one)
+	for m in $(MODEL); do for v in models/$$m/*/model.yaml; do \
+		$(PY) models/$$m/train.py --out $$(dirname $$v) || exit 1; done; done
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info

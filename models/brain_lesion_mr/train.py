@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -130,6 +131,9 @@ class TrainSettings:
     # min_score_step: no validation hit is lost, and the weak components a voxel threshold leaves are.
     min_score_margin: float = 0.05
     min_score_step: float = 0.05
+    # ... and never under this: the validation phantoms come from the training generator, on which a weak component
+    # is almost always a lesion; on phantoms written apart from it they are mostly not (docs/decisions.md).
+    min_score_floor: float = 0.0
     hit_tolerance_mm: float = 3.0
     small_lesion_mm: float = 10.0  # sensitivity is also reported below / above this diameter
     timing_studies: int = 3
@@ -141,7 +145,7 @@ class TrainSettings:
 RECIPES: dict[str, TrainSettings] = {
     "1": TrainSettings(),
     # Small lesions: positive crops favour them, Dice per crop, more phantoms (so more distinct small lesions),
-    # longer training; the threshold and the score floor tuned on 3x the validation studies.
+    # longer training; the threshold and the score floor tuned on 3x the validation studies, the floor at least 0.6.
     "2": TrainSettings(
         iterations=5000,
         train_phantoms=120,
@@ -149,6 +153,7 @@ RECIPES: dict[str, TrainSettings] = {
         lesion_size_exponent=1.0,
         dice_per_crop=True,
         threshold_grid=(0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9),
+        min_score_floor=0.6,
     ),
 }
 
@@ -475,15 +480,16 @@ def tune_threshold(
 
 
 def tune_min_score(studies: list[StudyResult], settings: TrainSettings) -> float:
-    """The floor on a finding's score (its mean probability) that keeps every validation hit, with a margin."""
+    """The floor on a finding's score (its mean probability) that keeps every validation hit, with a margin, and
+    not under the recipe's ``min_score_floor``."""
     hit_scores = []
     for study in studies:
         matched, _ = match_study(study, settings.hit_tolerance_mm)
         hit_scores += [study.findings[n]["score"] for n in matched if n is not None]
     if not hit_scores:
-        return 0.0
+        return settings.min_score_floor
     steps = math.floor((min(hit_scores) - settings.min_score_margin) / settings.min_score_step)
-    return round(max(0.0, steps * settings.min_score_step), 2)
+    return round(max(0.0, steps * settings.min_score_step, settings.min_score_floor), 2)
 
 
 def with_min_score(studies: list[StudyResult], min_score: float) -> list[StudyResult]:
@@ -519,6 +525,26 @@ def time_reading(config: ModelConfig, network: torch.nn.Module, seed: int, setti
     }
 
 
+def reuse_weights(
+    out: Path, config: ModelConfig, recipe: str, seed: int, settings: TrainSettings
+) -> tuple[torch.nn.Module, float, float, str]:
+    """The network of OUT/model.pt, and the data and training seconds and the date of the run that wrote it
+    (OUT/metrics.json), after checking that run had this recipe, seed and training settings; ValueError otherwise."""
+    previous = json.loads((out / "metrics.json").read_text())
+    trained = {k: previous["settings"].get(k) for k in ("iterations", "train_phantoms", "batch_size", "learning_rate")}
+    wanted = {k: getattr(settings, k) for k in trained}
+    if previous.get("recipe") != recipe or previous.get("seed") != seed or trained != wanted:
+        raise ValueError(
+            f"{out}/model.pt was trained with recipe {previous.get('recipe')}, seed {previous.get('seed')}, {trained}; "
+            f"this run asks for recipe {recipe}, seed {seed}, {wanted}"
+        )
+    network = SegmentationTask(config, torch.device("cpu")).build_network()
+    network.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    logger.info("reusing %s/model.pt, trained on %s", out, previous["date"])
+    trained_on = previous.get("weights_trained_on", previous["date"])
+    return network.eval(), previous["time_s"]["data"], previous["time_s"]["train"], trained_on
+
+
 def write_config(path: Path, score_threshold: float, min_score: float = 0.0) -> ModelConfig:
     data = json.loads(json.dumps(MODEL_YAML))
     data["postprocessing"]["score_threshold"] = round(score_threshold, 2)
@@ -551,6 +577,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--card-only", action="store_true", help="rewrite MODEL_CARD.md from OUT/metrics.json (and OUT/eval/)"
     )
+    parser.add_argument(
+        "--reuse-weights",
+        action="store_true",
+        help="keep OUT/model.pt (from a run of the same recipe, seed and sizes, per OUT/metrics.json) and redo what "
+        "follows training: validation, tuning, test, timing, card",
+    )
     args = parser.parse_args(argv)
     setup(args.threads)
     if args.card_only:
@@ -570,17 +602,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = write_config(args.out / "model.yaml", MODEL_YAML["postprocessing"]["score_threshold"])
 
     t0 = time.perf_counter()
-    studies = build_training_set(config, args.seed, settings)
-    t_data = time.perf_counter() - t0
-    network = train(config, studies, settings, args.seed)
-    t_train = time.perf_counter() - t0 - t_data
-    del studies
-    torch.save({k: v.float() for k, v in network.state_dict().items()}, args.out / "model.pt")
+    trained_on = datetime.date.today().isoformat()
+    if args.reuse_weights:
+        network, t_data, t_train, trained_on = reuse_weights(args.out, config, recipe, args.seed, settings)
+        t0 -= t_data + t_train  # the total counts the training that wrote the weights
+    else:
+        studies = build_training_set(config, args.seed, settings)
+        t_data = time.perf_counter() - t0
+        network = train(config, studies, settings, args.seed)
+        t_train = time.perf_counter() - t0 - t_data
+        del studies
+        torch.save({k: v.float() for k, v in network.state_dict().items()}, args.out / "model.pt")
 
     t_eval = time.perf_counter()
     val = read_studies(config, network, rng_stream(args.seed, "val"), settings.val_phantoms, settings.threshold_grid)
     threshold, curve = tune_threshold(val, settings)
     min_score = tune_min_score(val[threshold], settings)
+    min_score_validation = tune_min_score(val[threshold], dataclasses.replace(settings, min_score_floor=0.0))
     config = write_config(args.out / "model.yaml", threshold, min_score)
     val_metrics = evaluate(
         with_min_score(val[threshold], min_score), settings.hit_tolerance_mm, settings.small_lesion_mm
@@ -593,6 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     total_s = time.perf_counter() - t0
     metrics = {
         "date": datetime.date.today().isoformat(),
+        "weights_trained_on": trained_on,
         "command": (
             f"python models/brain_lesion_mr/train.py --out {args.out} --recipe {recipe} "
             f"--iterations {settings.iterations} --seed {args.seed} --eval-studies {args.eval_studies} "
@@ -605,6 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "weights_bytes": (args.out / "model.pt").stat().st_size,
         "score_threshold": threshold,
         "min_score": min_score,
+        "min_score_validation": min_score_validation,  # before the recipe's floor
         "validation": {"studies": len(val[threshold]), **val_metrics},
         "validation_curve": curve,
         "test": {
@@ -676,52 +716,72 @@ def server_eval(out: Path) -> str:
     dice = (seg.get("dice_per_study") or {}).get("mean")
     lesion_wise = ((seg.get("lesion_wise") or {}).get("overall")) or {}
     compare = body.get("compare")
-    paired = ""
+    command = f"radserve eval DATASET --model {body['model']}:{body['model_version']}"
+    command += f" --compare {compare['paired']['a']}" if compare else ""
+    paragraphs = [
+        f"{body['studies']} studies written by `radserve phantoms make --modality MR --count {manifest.get('count')} "
+        f"--seed {manifest.get('seed')}` (the generator's full ranges: lesions of 5-40 mm, bright and dark, bias "
+        f"fields of 5-20 %, slices of 1-5 mm; seeds apart from the training script's), read on {body['date'][:10]} "
+        f"through the server on the CPU by `{command} --out {out}/eval` (`eval/eval.json`, `eval/froc.png`). "
+        "A hit is a finding whose center lies within the lesion's radius (at least 3 mm), one finding per lesion.",
+        f"| lesions | count | found | sensitivity | CPM |\n|---|---|---|---|---|\n| all | {overall['lesions']} | "
+        f"{overall['hits']} | {_pct(overall['sensitivity'])} | {_num(overall['cpm'])} |\n{rows}",
+        f"False positives: {overall['false_positives']} in {overall['studies']} studies "
+        f"({_num(overall['fp_per_study'])} per study), at most {overall['fp_max_in_a_study']} in one study. Dice per "
+        f"study {_num(dice)} (mean over the studies with lesion voxels); lesion-wise, the mask covers "
+        f"{lesion_wise.get('detected')} of {lesion_wise.get('lesions')} lesions.",
+        f"The bar of issue 16 on these studies: lesions of 10 mm and more found at >= 95 % with at most 1 false "
+        f"positive in any study: {large[1]} of {large[0]} ({_pct(rate(large))}), at most "
+        f"{overall['fp_max_in_a_study']} false positive(s) in a study, {met(large_ok and fp_ok)}; lesions of 5-10 mm "
+        f"at >= 70 %: {small[1]} of {small[0]} ({_pct(rate(small))}), {met(small_ok)}.",
+    ]
     if compare:
         c = compare["paired"]
         entry = c["labels"]["lesion"]
-        diff = lambda m: f"{entry[m]['difference']:+.3f} [{entry[m]['ci95'][0]:+.3f}, {entry[m]['ci95'][1]:+.3f}]"  # noqa: E731
         les = entry["lesions"]
-        paired = f"""
-Paired with `{c["a"]}` on the same studies (difference `{c["b"]}` - `{c["a"]}`, 95 % bootstrap interval over
-studies): sensitivity {diff("sensitivity")}, false positives per study {diff("fp_per_study")}, CPM {diff("cpm")};
-lesions found by both {les["both"]}, only by {c["a"]} {les["only_a"]}, only by {c["b"]} {les["only_b"]}, by neither
-{les["neither"]} (exact McNemar p = {les["mcnemar_p"]:.3g}).
-"""
-    return f"""
-## Held-out phantoms read through the server (`radserve eval`)
 
-{body["studies"]} studies written by `radserve phantoms make --modality MR --count {manifest.get("count")} --seed \
-{manifest.get("seed")}` (the generator's full ranges: lesions of 5-40 mm, bright and dark, bias fields of 5-20 %,
-slices of 1-5 mm; seeds apart from the training script's), read on {body["date"][:10]} by
-`radserve eval DATASET --model {body["model"]}:{body["model_version"]}{
-        " --compare " + compare["paired"]["a"] if compare else ""
-    } --out {out}/eval` through the server on the CPU (`eval/eval.json`, `eval/froc.png`). A hit is a finding whose
-center lies within the lesion's radius (at least 3 mm), one finding per lesion.
+        def diff(metric: str) -> str:
+            low, high = entry[metric]["ci95"]
+            return f"{entry[metric]['difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
 
-| lesions | count | found | sensitivity | CPM |
-|---|---|---|---|---|
-| all | {overall["lesions"]} | {overall["hits"]} | {_pct(overall["sensitivity"])} | {_num(overall["cpm"])} |
-{rows}
-
-False positives: {overall["false_positives"]} in {overall["studies"]} studies ({
-        _num(overall["fp_per_study"])
-    } per study),
-at most {overall["fp_max_in_a_study"]} in one study; {
-        overall["studies_with_more_than_one_fp"]
-    } studies with more than one.
-Dice per study {_num(dice)} (mean over the studies with lesion voxels); lesion-wise, the mask covers
-{lesion_wise.get("detected")} of {lesion_wise.get("lesions")} lesions.
-
-The bar of issue 16 on these studies: lesions of 10 mm and more found at >= 95 % with at most 1 false positive in any
-study: {large[1]} of {large[0]} ({_pct(rate(large))}), at most {overall["fp_max_in_a_study"]} false positive(s) in a
-study, {met(large_ok and fp_ok)}; lesions of 5-10 mm at >= 70 %: {small[1]} of {small[0]} ({_pct(rate(small))}),
-{met(small_ok)}.
-{paired}"""
+        paragraphs.append(
+            f"Paired with `{c['a']}` on the same studies (`{c['b']}` minus `{c['a']}`, 95 % bootstrap interval over "
+            f"studies): sensitivity {diff('sensitivity')}, false positives per study {diff('fp_per_study')}, CPM "
+            f"{diff('cpm')}; lesions found by both {les['both']}, only by `{c['a']}` {les['only_a']}, only by "
+            f"`{c['b']}` {les['only_b']}, by neither {les['neither']} (exact McNemar p = {les['mcnemar_p']:.3g})."
+        )
+    wrapped = [p if p.startswith("|") else textwrap.fill(p, width=116, break_on_hyphens=False) for p in paragraphs]
+    return "\n## Held-out phantoms read through the server (`radserve eval`)\n\n" + "\n\n".join(wrapped) + "\n"
 
 
 def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
+
+
+def _trained_words(m: dict[str, Any]) -> str:
+    trained = m.get("weights_trained_on", m["date"])
+    return "" if trained == m["date"] else f" (weights trained on {trained}, tuned and measured again)"
+
+
+def _unfamiliar_words(s: dict[str, Any]) -> str:
+    if not s.get("min_score_floor"):
+        return ""
+    return (
+        "\n* Small dark structures the phantoms do not have (sulci, vessels) look like small dark lesions to it; the "
+        'floor\n  on a finding\'s score keeps most out (docs/decisions.md, "brain_lesion_mr version 2").'
+    )
+
+
+def _floor_words(s: dict[str, Any], m: dict[str, Any]) -> str:
+    floor = s.get("min_score_floor", 0.0)
+    if not floor:
+        return " (no validation lesion is lost)"
+    tuned = m.get("min_score_validation")
+    return (
+        f" ({tuned:g} there), but not under {floor:g}: on brain\nphantoms written apart from the training generator "
+        "(sulci, linear bias fields, thick slices; docs/decisions.md)\nthe weaker components were mostly false "
+        "positives"
+    )
 
 
 def _sampling_words(s: dict[str, Any]) -> str:
@@ -750,7 +810,7 @@ def render_model_card(config: ModelConfig, m: dict[str, Any], server: str = "") 
     contrast_row = f"{_pct(sens['bright'])} / {_pct(sens['dark'])}"
     return f"""# brain_lesion_mr version {version} — model card
 
-Written by `models/brain_lesion_mr/train.py` on {m["date"]}; the numbers below are that run's.
+Written by `models/brain_lesion_mr/train.py` on {m["date"]}{_trained_words(m)}; the numbers below are that run's.
 
 ## Intended use
 
@@ -807,8 +867,8 @@ The probability threshold {m["score_threshold"]} was chosen on {val["studies"]} 
 among {s["threshold_grid"][0]}-{s["threshold_grid"][-1]}: the best lesion sensitivity (then Dice) where no
 validation study has more than {s["max_fp_per_study"]} false positive. The floor on a finding's score,
 {m["min_score"]:g}, is the lowest score of a lesion found there less {s["min_score_margin"]:g}, rounded down to a
-multiple of {s["min_score_step"]:g}: no validation lesion is lost, and weak components just over the threshold
-(thin rims along tissue edges on thick slices) are not reported. There: sensitivity
+multiple of {s["min_score_step"]:g}{_floor_words(s, m)}. Weak components just over the threshold
+(thin rims along tissue edges on thick slices) are thus not reported. There: sensitivity
 {_pct(val["sensitivity"]["all"])}, Dice {fmt(val["dice_per_study"]["mean"])}, {val["fp_per_study_mean"]:.2f} FP
 per study (max {val["fp_per_study_max"]}).
 
@@ -859,9 +919,10 @@ same `model.pt`. `metrics.json` holds every number above and the settings.
   they show on one or two slices with partial volume: they are found less reliably than large ones.
 * `diameter_mm` is the largest distance between two voxel centers of the mask, `volume_ml` its voxel count:
   both inherit the mask's errors.
-* Lesions under 10 mm are found far less often than larger ones (the table above), dark ones least: on 1.5 mm
-  voxels, with noise and a bias field, a 5 mm lesion a few percent darker than its surroundings is hard to tell
-  from noise. Trained for {m["time_s"]["train"] / 60:.0f} CPU minutes; longer training helps the small lesions.
+* Lesions under 10 mm are found less often than larger ones ({_pct(sens["lt_" + small])} against
+  {_pct(sens["ge_" + small])} in the table above), dark ones least: on 1.5 mm voxels, with noise and a bias field,
+  a 5 mm lesion a few percent darker than its surroundings is hard to tell from noise. Trained for
+  {m["time_s"]["train"] / 60:.0f} CPU minutes.{_unfamiliar_words(s)}
 * The bias correction is a much simplified N4: a smooth field only, and one strong enough to carry one tissue
   to another's intensity can mislead it (docs/decisions.md, "MR bias field"), leaving a residual field the
   network was not trained on.
