@@ -184,10 +184,28 @@ def _parser() -> argparse.ArgumentParser:
     tvenv = triton_sub.add_parser("venv", help="create or update Triton's virtual environment, print its path")
     tvenv.add_argument("--venv", type=Path, default=None, help="where (default .venv-triton in a checkout)")
 
-    # `radserve eval` (a client of the API) and `radserve phantoms make` (the labelled datasets it reads).
-    from inference.evaluation.cli import add_parser as add_eval_parser
-
-    add_eval_parser(sub, _add_server_flag)
+    # `radserve eval` (a client of the API: inference/evaluation/) and `radserve phantoms make` (the labelled datasets
+    # it reads). Declared here, so that building the parser imports neither package.
+    evaluate = sub.add_parser(
+        "eval",
+        help="read a labelled dataset through a server and score the findings against its truth",
+        description="DATASET is a folder with one folder per study: its DICOM files (or one NIfTI file) and a "
+        'truth.json of the lesions ({"findings": [{"label", "center_mm", "diameter_mm"}]}), optionally a '
+        "NIfTI mask for Dice (README, 'Evaluate a model').",
+    )
+    evaluate.add_argument("dataset", type=Path, help="the labelled dataset")
+    _add_server_flag(evaluate)
+    evaluate.add_argument("--model", required=True, help="NAME[:VERSION] (without a version: the server's newest)")
+    evaluate.add_argument(
+        "--compare",
+        default=None,
+        metavar="NAME:VERSION",
+        help="a baseline version read on the same studies: paired differences, --model minus it",
+    )
+    evaluate.add_argument("--out", type=Path, default=None, help="write eval.json and froc.png into this folder")
+    evaluate.add_argument("--concurrency", type=int, default=2, help="studies read at once (default 2)")
+    evaluate.add_argument("--timeout-s", type=float, default=600.0, help="deadline of each read")
+    evaluate.add_argument("--resamples", type=int, default=2000, help="bootstrap draws of --compare's intervals")
     phantoms = sub.add_parser("phantoms", help="write synthetic studies with planted ground truth")
     phantoms_sub = phantoms.add_subparsers(dest="phantoms_command", required=True)
     make = phantoms_sub.add_parser(

@@ -1,39 +1,17 @@
-"""`radserve eval DATASET --server HOST:PORT --model NAME[:VERSION] [--compare NAME:VERSION] [--out DIR]`."""
+"""`radserve eval DATASET --server HOST:PORT --model NAME[:VERSION] [--compare NAME:VERSION] [--out DIR]`.
+
+The command's flags are declared in inference/cli.py, so that building the `radserve` parser imports nothing of this
+package; this module runs the command.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from inference.evaluation.dataset import DatasetError, Study, load_dataset
-
-
-def add_parser(sub: Any, add_server_flags: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
-    """The `eval` subcommand; ``add_server_flags`` adds --server and the TLS and token flags `read` has."""
-    parser = sub.add_parser(
-        "eval",
-        help="read a labelled dataset through a server and score the findings against its truth",
-        description="DATASET is a folder with one folder per study: its DICOM files (or one NIfTI file) and a "
-        'truth.json of the lesions ({"findings": [{"label", "center_mm", "diameter_mm"}]}), optionally a '
-        "NIfTI mask for Dice (README, 'Evaluate a model').",
-    )
-    parser.add_argument("dataset", type=Path, help="the labelled dataset")
-    add_server_flags(parser)
-    parser.add_argument("--model", required=True, help="NAME[:VERSION] (without a version: the server's newest)")
-    parser.add_argument(
-        "--compare",
-        default=None,
-        metavar="NAME:VERSION",
-        help="a second version read on the same studies: paired differences",
-    )
-    parser.add_argument("--out", type=Path, default=None, help="write eval.json and froc.png into this folder")
-    parser.add_argument("--concurrency", type=int, default=2, help="studies read at once (default 2)")
-    parser.add_argument("--timeout-s", type=float, default=600.0, help="deadline of each read")
-    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap draws of --compare's intervals")
-    return parser
 
 
 def main(args: argparse.Namespace, client_factory: Callable[[argparse.Namespace], Any]) -> int:

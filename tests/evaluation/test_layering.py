@@ -1,5 +1,6 @@
 """The `eval` and `phantoms` parsers are built on every `radserve` command: a client-only install (grpcio and
-protobuf, no numpy) must still run `radserve read`, and asking for help must not load the evaluation's numerics."""
+protobuf, no numpy) must still run `radserve read`, asking for help must not load the evaluation's numerics, and
+building the parser imports no package of radserve (the bridge's layering test allows the CLI module alone)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,16 @@ def test_help_of_every_client_command_needs_neither_numpy_nor_the_server():
         # argparse's --help exits through SystemExit(0) after printing the usage.
         assert result.returncode == 0 and "usage: radserve" in result.stdout, (command, result.stderr)
         assert "blocked" not in result.stderr
+
+
+def test_building_the_parser_imports_no_package_but_the_cli():
+    script = THIN_CLIENT + (
+        "from inference.cli import _parser\n_parser()\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('inference.') and m != 'inference.cli')\n"
+        "assert not loaded, loaded\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 def test_the_package_names_import_lazily():
