@@ -10,8 +10,8 @@ nothing here imports torch, MONAI or the server's packages (tests/evaluation/tes
 or, with findings obtained elsewhere, ``evaluate(dataset, findings_by_study)``; ``compare(report_a, report_b)`` gives
 the paired differences of two versions on the same studies.
 
-The names below are imported when first used: `radserve` builds its `eval` parser from ``inference.evaluation.cli``
-on every command, and a client-only install (grpcio and protobuf) must not need numpy for `radserve read`.
+The names below are imported when first used, so that e.g. the dataset format (``load_dataset``, ``DatasetError``)
+comes without numpy and the evaluation's numerics.
 """
 
 from __future__ import annotations
