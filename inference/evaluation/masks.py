@@ -100,8 +100,10 @@ def study_grid_shape(study: Study) -> tuple[int, int, int] | None:
 
 
 def seg_masks(seg: bytes, truth: TruthMask, labels: Iterable[str], where: str) -> dict[str, np.ndarray]:
-    """label -> bool mask on the truth grid, from a DICOM SEG's segments (each assigned to a label by its
-    SegmentLabel: the label itself, or the label and a number, "lesion 2"); raises ValueError naming ``where``."""
+    """label -> bool mask on the truth grid, from a DICOM SEG's segments, each assigned to a label by its
+    SegmentLabel: one of ``labels`` as it is, else with a trailing number taken off ("lesion 2" is "lesion": one
+    segment per finding). Every label of ``labels`` gets a mask, empty when no segment has it. Raises ValueError
+    naming ``where``."""
     import pydicom
 
     ds = pydicom.dcmread(io.BytesIO(seg))
@@ -111,7 +113,7 @@ def seg_masks(seg: bytes, truth: TruthMask, labels: Iterable[str], where: str) -
         text = str(item.get("SegmentLabel", ""))
         base = re.sub(r" \d+$", "", text)
         segment_label[int(item.SegmentNumber)] = text if text in known else base
-    masks = {label: np.zeros(truth.labels.shape, dtype=bool) for label in known}
+    masks = {label: np.zeros(truth.labels.shape, dtype=bool) for label in known | set(segment_label.values())}
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     if "PixelData" not in ds or n_frames == 0:
         return masks
