@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.api.ingest import IngestPolicy, is_referenced, referenced_payload
 from inference.api.interceptors import request_id_var
-from inference.errors import InvalidInputError, LimitExceededError
+from inference.errors import InvalidInputError, LimitExceededError, quote
 from inference.io.dicom import read_dicom_series
 from inference.io.limits import InputLimits
 from inference.io.nifti import read_nifti
@@ -104,7 +104,7 @@ def decode(upload: Upload, limits: InputLimits, ingest: IngestPolicy | None = No
     """
     header = upload.header
     if upload.payload != pb.DICOM_FILES and (header.modality or "CT") not in MODALITIES:
-        raise InvalidInputError(f"header.modality must be one of {MODALITIES}, got {header.modality!r}")
+        raise InvalidInputError(f"header.modality must be one of {MODALITIES}, got {quote(header.modality, 32)}")
     if is_referenced(header):
         with referenced_payload(header, upload.payload, ingest or IngestPolicy(), limits) as referenced:
             upload.total_bytes = referenced.total_bytes
@@ -120,6 +120,10 @@ def read_payload(header: pb.ReadHeader, payload: int, files: list, limits: Input
     modality = header.modality or "CT"
     if payload == pb.DICOM_FILES:
         return read_dicom_series(files, series_instance_uid=header.series_instance_uid or None, limits=limits)
+    if payload not in (pb.NIFTI, pb.RAW):
+        raise InvalidInputError(
+            f"header.payload {int(payload)} is not a known PayloadKind ({', '.join(pb.PayloadKind.keys()[1:])})"
+        )
     if len(files) != 1:
         raise InvalidInputError(f"a {pb.PayloadKind.Name(payload)} payload is one file, got {len(files)}")
     if payload == pb.NIFTI:
@@ -135,4 +139,4 @@ def read_payload(header: pb.ReadHeader, payload: int, files: list, limits: Input
             modality=modality,
             limits=limits,
         )
-    raise InvalidInputError(f"header.payload {payload} is not a known PayloadKind")
+    raise AssertionError(f"unreachable: payload kind {payload}")
