@@ -18,7 +18,9 @@ DEFAULT_SERVER = "127.0.0.1:50051"
 
 
 def _add_server_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT of a radserve server")
+    parser.add_argument(
+        "--server", default=DEFAULT_SERVER, help=f"HOST:PORT of a radserve server (default {DEFAULT_SERVER})"
+    )
     parser.add_argument("--ca", type=Path, default=None, help="CA certificate (PEM) of the server: use TLS")
     parser.add_argument("--tls-cert", type=Path, default=None, help="client certificate (PEM), for mutual TLS")
     parser.add_argument("--tls-key", type=Path, default=None, help="client private key (PEM), for mutual TLS")
@@ -67,6 +69,39 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--auth-tokens", type=Path, default=None, help="YAML file of tenant: token (bearer auth)")
     serve.add_argument("--max-in-flight", type=int, default=None, help="reads in flight before UNAVAILABLE (64)")
+    serve.add_argument(
+        "--max-reads-per-client",
+        type=int,
+        default=None,
+        help="reads one tenant (or, without tokens, one IP address) may have in progress (128)",
+    )
+    serve.add_argument(
+        "--memory-budget-gb",
+        type=float,
+        default=None,
+        help="admit reads by their estimated peak memory within this budget (default: half the machine's memory)",
+    )
+    serve.add_argument(
+        "--decode-workers",
+        type=int,
+        default=None,
+        help="processes decoding DICOM and NIfTI uploads, replaced when a decode hangs (2; 0: decode in threads)",
+    )
+    serve.add_argument(
+        "--decode-timeout-s", type=float, default=None, help="a decode running longer is stopped (default 120)"
+    )
+    serve.add_argument(
+        "--upload-first-chunk-timeout-s",
+        type=float,
+        default=None,
+        help="a Read whose first payload chunk has not arrived by then gets DEADLINE_EXCEEDED (default 30)",
+    )
+    serve.add_argument(
+        "--upload-min-bytes-per-s",
+        type=float,
+        default=None,
+        help="slowest average upload accepted after the first 30 s (default 16384)",
+    )
     serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port (9464; 0: off)")
     serve.add_argument(
         "--health-port", type=int, default=None, help="plaintext port with gRPC health only, for probes (0: none)"
@@ -109,6 +144,13 @@ def _parser() -> argparse.ArgumentParser:
     read.add_argument("--timeout-s", type=float, default=600.0, help="deadline of the read")
     read.add_argument("--sr", type=Path, default=None, help="write the DICOM SR measurement report (TID 1500) here")
     read.add_argument("--seg", type=Path, default=None, help="write the DICOM Segmentation here")
+    read.add_argument(
+        "--series",
+        default="",
+        metavar="UID",
+        help="the SeriesInstanceUID to read when the files hold several series (or the 12-digit hash the server's "
+        "error shows for it)",
+    )
 
     models = sub.add_parser("models", help="inspect, load and unload the models of a server")
     models_sub = models.add_subparsers(dest="models_command", required=True)
@@ -264,6 +306,9 @@ def _read(args: argparse.Namespace) -> int:
 
     name, _, version = args.model.partition(":")
     outputs = [pb.FINDINGS] + [pb.DICOM_SR] * (args.sr is not None) + [pb.DICOM_SEG] * (args.seg is not None)
+    header_fields: dict[str, Any] = {}
+    if args.series:
+        header_fields["series_instance_uid"] = args.series
     client = _client(args)
     # DICOM outputs come through ReadStreamed, in checked chunks, so that a SEG of any size arrives.
     read = client.read_streamed if args.sr is not None or args.seg is not None else client.read
@@ -278,8 +323,11 @@ def _read(args: argparse.Namespace) -> int:
             outputs=outputs,
             timeout_s=args.timeout_s,
             progress=_Progress(sum(f.stat().st_size for f in files)),
+            **header_fields,
         )
     except grpc.RpcError as exc:
+        if kind == pb.DICOM_FILES and exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "series" in exc.details():
+            _print_local_series(files)
         return _error(exc)
     except OutputIntegrityError as exc:
         print(f"error: {exc.code}: {exc}", file=sys.stderr)
@@ -290,9 +338,32 @@ def _read(args: argparse.Namespace) -> int:
         if path is not None and data:
             path.write_bytes(data)
             print(f"wrote {what} to {path}", file=sys.stderr)
+        elif path is not None:
+            why = [w for w in response.warnings if what.split()[-1] in w] or ["the server sent none"]
+            print(f"no {what} written to {path}: {'; '.join(why)}", file=sys.stderr)
     result = response_to_json(response)
     print(json.dumps(result, indent=2) if args.format == "json" else _table(result))
     return 0
+
+
+def _print_local_series(files: list[Path]) -> None:
+    """The image series among the local files, on stderr: what ``--series`` takes (the user's own files, read here;
+    the server names series only by number and hash)."""
+    import pydicom
+
+    series: dict[str, list[Any]] = {}
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SeriesNumber"])
+        except Exception:  # not DICOM, unreadable: the server's message says so
+            continue
+        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        if uid:
+            series.setdefault(uid, []).append(ds.get("SeriesNumber", "?"))
+    if len(series) > 1:
+        print("series in these files (read one with --series UID):", file=sys.stderr)
+        for uid, numbers in sorted(series.items(), key=lambda item: str(item[1][0])):
+            print(f"  --series {uid}   (series {numbers[0]}, {len(numbers)} files)", file=sys.stderr)
 
 
 def _print_models(models: Any) -> None:
@@ -423,6 +494,37 @@ def _triton(args: argparse.Namespace) -> int:
         return 1
 
 
+def _check_can_start(config: Any) -> None:
+    """What would stop the server once it has started logging, said first, as one line: a missing model directory,
+    a port something else listens on."""
+    import socket
+
+    from inference.api.server import StartupError
+
+    if not config.models.is_dir():
+        raise StartupError(f"the model directory {str(config.models)!r} does not exist or is not a directory")
+    for name, port in (
+        ("port", config.port),
+        ("metrics port", config.metrics_port),
+        ("health port", config.health_port),
+    ):
+        if not port:
+            continue
+        try:
+            infos = socket.getaddrinfo(config.host.strip("[]"), port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise StartupError(f"cannot resolve the host {config.host!r}: {exc.strerror}") from None
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a listener, not TIME_WAIT, means in use
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {config.host}:{port} (the {name}): {exc.strerror}; is another server running?"
+                ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
@@ -445,6 +547,12 @@ def main(argv: list[str] | None = None) -> int:
             "insecure": args.insecure,
             "auth_tokens": args.auth_tokens,
             "max_in_flight": args.max_in_flight,
+            "max_reads_per_client": args.max_reads_per_client,
+            "memory_budget_gb": args.memory_budget_gb,
+            "decode_workers": args.decode_workers,
+            "decode_timeout_s": args.decode_timeout_s,
+            "upload_first_chunk_timeout_s": args.upload_first_chunk_timeout_s,
+            "upload_min_bytes_per_s": args.upload_min_bytes_per_s,
             "metrics_port": args.metrics_port,
             "health_port": args.health_port,
             "oom_cpu_fallback": args.oom_cpu_fallback,
@@ -453,16 +561,23 @@ def main(argv: list[str] | None = None) -> int:
             "default_models": ",".join(args.default_model) if args.default_model else None,
         }
         from inference.api.security import load_security
+        from inference.api.server import StartupError, exit_leaving_stuck_threads
         from inference.metrics import configure_logging
 
         try:
             config = load_config(cli, config_file=args.config)
             security = load_security(config)
-        except (ValueError, OSError) as exc:
+            _check_can_start(config)
+        except (ValueError, OSError, StartupError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         configure_logging(config.log_level, config.log_format)
-        return asyncio.run(serve(config, security))
+        try:
+            code = asyncio.run(serve(config, security))
+        except StartupError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            code = 2
+        return exit_leaving_stuck_threads(code)
     if args.command == "read":
         return _read(args)
     if args.command == "models":

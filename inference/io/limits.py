@@ -51,6 +51,10 @@ class InputLimits:
     # Voxels of the grid a model's preprocessing resamples the study onto, checked before it is built (a whole-body
     # CT at 1.5 mm is 333 x 333 x 1333 = 148 M voxels).
     max_grid_voxels: int = 512 * 512 * 600
+    # How many times more voxels the resampled grid may have than the study (before padding up to the model's ROI):
+    # 64 x 15 mm voxels resampled to 1.5 mm are 1000 times as many voxels and no more information. A thick-slice CT
+    # or MR resampled to a model's isotropic grid is 1-10 times.
+    max_upsampling: int = 64
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -108,9 +112,17 @@ class InputLimits:
                 f"{what} inflate to more than {self.max_inflated_bytes} bytes, the max_inflated_bytes limit per read"
             )
 
-    def check_grid(self, shape: Iterable[int], what: str) -> None:
-        """The preprocessed grid a model would build (``what`` names the model), before it is built."""
+    def check_grid(self, shape: Iterable[int], what: str, *, resampled_voxels: int = 0, input_voxels: int = 0) -> None:
+        """The preprocessed grid a model would build (``what`` names the model), before it is built: its voxels
+        (``shape``, padded) against ``max_grid_voxels``, and the resampled voxels (before padding) per input voxel
+        against ``max_upsampling``."""
         dims = tuple(int(s) for s in shape)
+        if input_voxels and resampled_voxels > self.max_upsampling * input_voxels:
+            raise LimitExceededError(
+                f"{what} would resample the study's {input_voxels} voxels onto {resampled_voxels} "
+                f"({resampled_voxels / input_voxels:.0f} times as many; the max_upsampling limit is "
+                f"{self.max_upsampling}): the study's voxels are far coarser than the model reads"
+            )
         n_voxels = math.prod(dims)
         if n_voxels > self.max_grid_voxels:
             raise LimitExceededError(
