@@ -381,7 +381,7 @@ def _models(args: argparse.Namespace) -> int:
     try:
         if args.models_command == "load":
             path = Path(args.dir).expanduser()
-            target = str(path.resolve()) if path.exists() else args.dir
+            target = str(path.absolute()) if path.exists() else args.dir
             response = client.load_model(target, timeout_s=args.timeout_s)
             _print_models(response.models)
             return 0

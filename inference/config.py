@@ -141,7 +141,7 @@ class ServerConfig:
     # empty name ("MR=") drops a modality's preference.
     model_poll_interval_s: float = 10.0
     # LoadModel and UnloadModel: served to operators only (a tenant with role: operator in the tokens file; none
-    # without one), for paths under model_roots (resolved, symlinks included; empty: the repository `models` only).
+    # without one), for paths under model_roots (absolute, no `..`; empty: the repository `models` only).
     allow_model_management: bool = True
     model_roots: tuple[Path, ...] = ()
     default_models: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_MODELS))

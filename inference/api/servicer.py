@@ -11,7 +11,6 @@ import contextlib
 import functools
 import hashlib
 import logging
-import os
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -373,21 +372,22 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
             raise ShuttingDownError("server is shutting down")
 
     def _confined(self, raw: str) -> Path:
-        """A LoadModel path, resolved (symlinks included), if it lies under a model root; else PERMISSION_DENIED
-        with the same words whether or not it exists, so that a refusal tells nothing about the server's disk."""
+        """A LoadModel path that lies under a model root, else PERMISSION_DENIED, in the same words whether or not
+        it exists, so that a refusal tells nothing about the server's disk. A relative path is taken from the
+        repository; ``..`` is refused outright (it could climb out of a root through a symlink the check cannot
+        see); symlinks inside a root are the operator's own (whoever can place one there can place the model)."""
         repository = self._registry.repository
-        path = Path(raw).expanduser()
+        path = Path(raw)
         if not path.is_absolute():
             if repository is None:
                 raise InvalidInputError("LoadModelRequest.path is relative and this server has no model repository")
-            path = Path(repository) / path
-        resolved = Path(os.path.realpath(path))
-        roots = self.model_roots or ((Path(repository),) if repository is not None else ())
-        if not any(resolved.is_relative_to(Path(os.path.realpath(root))) for root in roots):
+            path = Path(repository).absolute() / path
+        roots = self.model_roots or ((Path(repository).absolute(),) if repository is not None else ())
+        if ".." in path.parts or not any(path.is_relative_to(root) for root in roots):
             raise PermissionDeniedError(
                 "LoadModelRequest.path is outside this server's model roots (model_roots); put the model under one"
             )
-        return resolved
+        return path
 
     async def LoadModel(  # noqa: N802 - gRPC method name
         self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext

@@ -304,6 +304,13 @@ def test_read_help_gives_the_servers_default(capsys):
     assert "(default 127.0.0.1:50051)" in " ".join(capsys.readouterr().out.split())
 
 
+def test_without_a_tokens_file_model_management_is_off(client):
+    code, details = status_of(lambda: client.load_model(ROOT / "models" / "lung_nodule_ct" / "1"))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert "LoadModel needs an operator's token, and this server has no tokens file" in details
+    assert {v.source for m in client.list_models().models for v in m.versions} == {""}
+
+
 def test_no_read_got_internal_or_unknown(server):
     log = server.log_path.read_text()
     assert "status=INTERNAL" not in log and "status=UNKNOWN" not in log

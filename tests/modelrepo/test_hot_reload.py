@@ -172,7 +172,9 @@ def test_version_swap_under_a_stream_of_reads_loses_no_read(server, repo, stagin
             assert "2" not in versions(client)
 
             # `radserve models load DIR` brings it back; unload it again with the CLI.
-            assert cli_main(["models", "load", str(repo / NAME / "2"), "--server", server.target, "--token", TOKEN]) == 0
+            assert (
+                cli_main(["models", "load", str(repo / NAME / "2"), "--server", server.target, "--token", TOKEN]) == 0
+            )
             loaded_at = time.monotonic()
             stream.wait_reads(loaded_at, 2, "2")
             assert cli_main(["models", "unload", f"{NAME}:2", "--server", server.target, "--token", TOKEN]) == 0
