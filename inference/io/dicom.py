@@ -327,17 +327,25 @@ def _read_header(index: int, src: bytes | Path, limits: InputLimits, budget: Inf
     if len(ds) == 0:
         raise InvalidInputError(f"{where} has no data set after its file meta information (empty or truncated)")
     for tag in list(ds.keys()):
-        raw = ds.get_item(tag)
-        if (
-            isinstance(raw, RawDataElement)
-            and raw.value is not None
-            and raw.length != _UNDEFINED_LENGTH
-            and len(raw.value) < raw.length
-        ):
+        try:
+            raw = ds.get_item(tag)
+            if (
+                isinstance(raw, RawDataElement)
+                and raw.value is not None
+                and raw.length != _UNDEFINED_LENGTH
+                and len(raw.value) < raw.length
+            ):
+                raise InvalidInputError(
+                    f"{where} is truncated: element ({tag.group:04X},{tag.element:04X}) has {len(raw.value)} of "
+                    f"{raw.length} bytes"
+                )
+            ds[tag]  # convert it now: pydicom converts on first access, and a malformed value raises there
+        except InvalidInputError:
+            raise
+        except Exception as exc:  # an unknown VR, a value its VR cannot hold: the element, not a bug
             raise InvalidInputError(
-                f"{where} is truncated: element ({tag.group:04X},{tag.element:04X}) has {len(raw.value)} of "
-                f"{raw.length} bytes"
-            )
+                f"{where}: element ({tag.group:04X},{tag.element:04X}) could not be parsed ({type(exc).__name__})"
+            ) from None
     if stop.tag is None and watch.short_read:
         # pydicom ends the data set quietly when fewer bytes than an element header remain.
         raise InvalidInputError(f"{where} is truncated: it ends inside a data element, at byte {size}")
@@ -667,7 +675,7 @@ def _enhanced_frames(h: _Header, fmt: _PixelFormat) -> list[_Frame]:
 
         def macro(sequence: str, item: Dataset = item, where: str = where) -> Dataset:
             for group in (item, shared):
-                seq = group.get(sequence)
+                seq = _get(group, sequence, where, sequence)
                 if seq:
                     if len(seq) != 1:
                         raise InvalidInputError(f"{where}: {sequence} must have exactly one item, has {len(seq)}")
