@@ -11,7 +11,8 @@ Policy (what a caller, or a successor changing this file, may rely on):
 * Non-image objects are skipped: no Pixel Data, float pixel data, or a non-image SOP class (SR, KO, PR, RT
   structure set / plan / dose, SEG, registration, waveform, encapsulated document). An instance that has Rows
   and Columns but no Pixel Data is an error, not a skip: it is usually a truncated file.
-* One series per read, grouped by SeriesInstanceUID; several need ``series_instance_uid``.
+* One series per read, grouped by SeriesInstanceUID; several need ``series_instance_uid``: the UID, or the 12-digit
+  :func:`hash_uid` that messages name the series by (messages never carry the UID itself).
 * Slices are sorted by ImagePositionPatient projected on the slice normal (ImageOrientationPatient row direction
   x column direction), ascending, never by file order or InstanceNumber. The affine's third column is the mean
   step between consecutive sorted slices, so it points along +normal and the affine is right-handed.
@@ -455,6 +456,9 @@ def _select_series(images: list[_Header], series_instance_uid: str | None) -> tu
 
     if series_instance_uid is not None:
         wanted = str(series_instance_uid).strip()
+        by_hash = [uid for uid in groups if hash_uid(uid) == wanted.lower()]
+        if wanted not in groups and len(by_hash) == 1:
+            wanted = by_hash[0]  # the 12-digit hash this reader's messages name a series by
         if wanted not in groups:
             raise InvalidInputError(
                 f"the requested series ({hash_uid(wanted)}) has no images in the upload; it holds {listing()}"
@@ -462,7 +466,8 @@ def _select_series(images: list[_Header], series_instance_uid: str | None) -> tu
         return groups[wanted], label(wanted)
     if len(groups) > 1:
         raise InvalidInputError(
-            f"the upload holds {len(groups)} image series and none was chosen (set series_instance_uid): {listing()}"
+            f"the upload holds {len(groups)} image series and none was chosen (set series_instance_uid to one's UID "
+            f"or to the hash shown here; radserve read --series): {listing()}"
         )
     uid = next(iter(groups))
     return groups[uid], label(uid)

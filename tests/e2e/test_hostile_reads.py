@@ -24,6 +24,7 @@ from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.api.gen.radserve.v1 import reading_pb2_grpc as pb_grpc
 from inference.cli import main as cli_main
 from inference.client import ReadingClient
+from inference.io.dicom import hash_uid
 from inference.io.volume import Volume
 from inference.phantoms import make_chest_ct, write_dicom_series
 from inference.serverproc import ServerProcess
@@ -287,6 +288,8 @@ def test_read_series_picks_one_series_of_several_and_the_error_lists_them(server
     args = ["read", str(tmp_path), "--server", server.target, "--format", "json"]
     assert cli_main([*args, "--series", "1.2.826.0.1.3680043.10.997.2"]) == 0
     assert '"model": "lung_nodule_ct"' in capsys.readouterr().out
+    # or by the hash the server's message names it by
+    assert cli_main([*args, "--series", hash_uid("1.2.826.0.1.3680043.10.997.1")]) == 0
 
 
 def test_read_seg_with_nothing_to_segment_says_so_on_stderr(server, client, valid, tmp_path, capsys):
