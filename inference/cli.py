@@ -148,8 +148,8 @@ def _parser() -> argparse.ArgumentParser:
         "--series",
         default="",
         metavar="UID",
-        help="the SeriesInstanceUID to read when the files hold several series (or the 12-digit hash the server's "
-        "error shows for it)",
+        help="the series to read when the files hold several: its SeriesInstanceUID, or the 12-digit hash the error "
+        "lists it by",
     )
 
     models = sub.add_parser("models", help="inspect, load and unload the models of a server")
@@ -326,8 +326,6 @@ def _read(args: argparse.Namespace) -> int:
             **header_fields,
         )
     except grpc.RpcError as exc:
-        if kind == pb.DICOM_FILES and exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "series" in exc.details():
-            _print_local_series(files)
         return _error(exc)
     except OutputIntegrityError as exc:
         print(f"error: {exc.code}: {exc}", file=sys.stderr)
@@ -344,26 +342,6 @@ def _read(args: argparse.Namespace) -> int:
     result = response_to_json(response)
     print(json.dumps(result, indent=2) if args.format == "json" else _table(result))
     return 0
-
-
-def _print_local_series(files: list[Path]) -> None:
-    """The image series among the local files, on stderr: what ``--series`` takes (the user's own files, read here;
-    the server names series only by number and hash)."""
-    import pydicom
-
-    series: dict[str, list[Any]] = {}
-    for path in files:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SeriesNumber"])
-        except Exception:  # not DICOM, unreadable: the server's message says so
-            continue
-        uid = str(ds.get("SeriesInstanceUID", "") or "")
-        if uid:
-            series.setdefault(uid, []).append(ds.get("SeriesNumber", "?"))
-    if len(series) > 1:
-        print("series in these files (read one with --series UID):", file=sys.stderr)
-        for uid, numbers in sorted(series.items(), key=lambda item: str(item[1][0])):
-            print(f"  --series {uid}   (series {numbers[0]}, {len(numbers)} files)", file=sys.stderr)
 
 
 def _print_models(models: Any) -> None:
