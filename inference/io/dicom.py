@@ -946,10 +946,14 @@ def _decode(h: _Header, src: bytes | Path, fmt: _PixelFormat) -> np.ndarray:
             raise InvalidInputError(f"{where} could not be parsed as DICOM ({type(exc).__name__})") from exc
     if "PixelData" not in ds:
         raise InvalidInputError(f"{where} is truncated inside its pixel data")
+    try:
+        pixel_data = ds.PixelData
+    except Exception as exc:  # converted on first access: an unknown VR on the element raises here
+        raise InvalidInputError(f"{where}: PixelData could not be parsed ({type(exc).__name__})") from None
     if h.transfer_syntax in UncompressedTransferSyntaxes:
-        _check_native_length(where, len(ds.PixelData), fmt)
+        _check_native_length(where, len(pixel_data), fmt)
     elif h.transfer_syntax in _J2K_SYNTAXES:
-        _check_j2k_frames(where, ds.PixelData, fmt)
+        _check_j2k_frames(where, pixel_data, fmt)
     try:
         stored = np.asarray(ds.pixel_array)
     except Exception as exc:
