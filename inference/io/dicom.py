@@ -327,9 +327,9 @@ def _read_header(index: int, src: bytes | Path, limits: InputLimits, budget: Inf
         raise InvalidInputError(f"{where}: TransferSyntaxUID missing from the file meta information")
     if len(ds) == 0:
         raise InvalidInputError(f"{where} has no data set after its file meta information (empty or truncated)")
-    for tag in list(ds.keys()):
+    for container, tag in [(ds.file_meta, t) for t in list(ds.file_meta.keys())] + [(ds, t) for t in list(ds.keys())]:
         try:
-            raw = ds.get_item(tag)
+            raw = container.get_item(tag)
             if (
                 isinstance(raw, RawDataElement)
                 and raw.value is not None
@@ -340,7 +340,7 @@ def _read_header(index: int, src: bytes | Path, limits: InputLimits, budget: Inf
                     f"{where} is truncated: element ({tag.group:04X},{tag.element:04X}) has {len(raw.value)} of "
                     f"{raw.length} bytes"
                 )
-            ds[tag]  # convert it now: pydicom converts on first access, and a malformed value raises there
+            container[tag]  # convert it now: pydicom converts on first access, and a malformed value raises there
         except InvalidInputError:
             raise
         except Exception as exc:  # an unknown VR, a value its VR cannot hold: the element, not a bug
