@@ -98,7 +98,14 @@ class RadserveServer:
         self.device = select_device(config.device)
         self._io_executor = WatchedExecutor(config.io_threads, thread_name_prefix="radserve-io")
         self.decode_workers = (
-            DecodeWorkers(config.decode_workers, config.decode_timeout_s) if config.decode_workers else None
+            DecodeWorkers(
+                config.decode_workers,
+                config.decode_timeout_s,
+                log_level=config.log_level,
+                log_format=config.log_format,
+            )
+            if config.decode_workers
+            else None
         )
         self._stalled = False  # every I/O thread or decode worker on one job for stall_timeout_s
         self._progress_watch: asyncio.Task | None = None

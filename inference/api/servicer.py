@@ -291,6 +291,7 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
             job = DecodeJob(
                 "inference.io.dicom:read_dicom_series",
                 {"series_instance_uid": header.series_instance_uid or None, "limits": self._limits},
+                request_id=upload.request_id,
             )
         else:
             if (header.modality or "CT") not in uploads.MODALITIES:
@@ -303,6 +304,7 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
                 "inference.io.nifti:read_nifti",
                 {"modality": header.modality or "CT", "limits": self._limits},
                 single_payload=True,
+                request_id=upload.request_id,
             )
         return await workers.run(job, upload.files, deadline_s)
 

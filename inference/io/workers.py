@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -55,6 +57,7 @@ class DecodeJob:
     reader: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     single_payload: bool = False  # the reader takes one payload (NIfTI), not a list of them (DICOM files)
+    request_id: str = "-"  # for the worker's log lines
 
 
 class DecodeTimeoutError(LimitExceededError):
@@ -65,15 +68,43 @@ class WorkerCrashedError(InvalidInputError):
     """The worker died while decoding (a codec crashing on the payload)."""
 
 
-def _worker_main(conn: Any) -> None:
-    """A worker process: jobs in, Volumes (or errors) out, until the pipe closes."""
+class _WorkerLogFormatter(logging.Formatter):
+    """The server's text log line (``inference.metrics.TEXT_FORMAT``), or its JSON line, for a worker's records: one
+    line each, every message escaped, the job's request id."""
+
+    def __init__(self, log_format: str) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
+        self.json = log_format == "json"
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.request_id = _request_id
+        if self.json:
+            ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+            body = {"ts": ts, "level": record.levelname, "logger": record.name, "request_id": _request_id}
+            return json.dumps({**body, "msg": record.getMessage()})
+        record.message = escape_text(record.getMessage())
+        record.asctime = self.formatTime(record, self.datefmt)
+        return self.formatMessage(record)
+
+
+_request_id = "-"
+
+
+def _worker_main(conn: Any, log_level: str = "INFO", log_format: str = "text") -> None:
+    """A worker process: jobs in, Volumes (or errors) out, until the pipe closes. Its log lines go to the stderr it
+    shares with the server, formatted as the server's."""
+    global _request_id
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_WorkerLogFormatter(log_format))
+    logging.basicConfig(level=log_level.upper(), handlers=[handler], force=True)
     while True:
         try:
             job, n_payloads = conn.recv()
             payloads = [conn.recv_bytes() for _ in range(n_payloads)]
         except (EOFError, OSError):
             return
+        _request_id = job.request_id
         try:
             module, _, name = job.reader.partition(":")
             reader = getattr(importlib.import_module(module), name)
@@ -110,9 +141,11 @@ def _error_class(module: str, qualname: str) -> type[RadserveError]:
 class _Worker:
     """One worker process and the parent's end of its pipe."""
 
-    def __init__(self, context: Any) -> None:
+    def __init__(self, context: Any, log_level: str, log_format: str) -> None:
         self.conn, child = context.Pipe(duplex=True)
-        self.process = context.Process(target=_worker_main, args=(child,), name="radserve-decode", daemon=True)
+        self.process = context.Process(
+            target=_worker_main, args=(child, log_level, log_format), name="radserve-decode", daemon=True
+        )
         self.process.start()
         child.close()
 
@@ -126,13 +159,14 @@ class _Worker:
 class DecodeWorkers:
     """``n_workers`` decode processes; :meth:`run` decodes one payload in one of them. See the module docstring."""
 
-    def __init__(self, n_workers: int, timeout_s: float) -> None:
+    def __init__(self, n_workers: int, timeout_s: float, *, log_level: str = "INFO", log_format: str = "text") -> None:
         if n_workers < 1:
             raise ValueError(f"n_workers must be >= 1, got {n_workers!r}")
         if not timeout_s > 0:
             raise ValueError(f"decode timeout_s must be > 0, got {timeout_s!r}")
         self.n_workers = n_workers
         self.timeout_s = timeout_s
+        self.log_level, self.log_format = log_level, log_format
         self._context = multiprocessing.get_context("spawn")
         self._executor = ThreadPoolExecutor(n_workers, thread_name_prefix="radserve-decode")
         self._local = threading.local()
@@ -154,7 +188,7 @@ class DecodeWorkers:
         if worker is None or not worker.process.is_alive():
             if worker is not None:
                 self._retire(worker)
-            worker = _Worker(self._context)
+            worker = _Worker(self._context, self.log_level, self.log_format)
             with self._lock:
                 self._workers.append(worker)
             self._local.worker = worker
