@@ -11,6 +11,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -27,9 +29,21 @@ def cases() -> list[Path]:
     return sorted(CORPUS.iterdir()) + sorted(p for p in CRASHES.iterdir() if not p.name.startswith("."))
 
 
+MAX_CASE_S = 10.0  # what the CI run allows an input (-timeout=10)
+MAX_CASE_BYTES = 256 * 1024**2  # Python allocations of one input, far under the run's -rss_limit_mb
+
+
 @pytest.mark.parametrize("case", cases(), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_seed_and_past_crash_ends_in_a_value_or_a_radserve_error(case):
-    one_input(case.read_bytes())  # any other exception fails the test
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        one_input(case.read_bytes())  # any other exception fails the test
+        elapsed = time.perf_counter() - start
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert elapsed < MAX_CASE_S and peak < MAX_CASE_BYTES, f"{elapsed:.1f} s, {peak / 1e6:.0f} MB"
 
 
 @pytest.mark.slow
