@@ -51,6 +51,7 @@ class CallRecord:
     code: str = "UNKNOWN"  # grpc.StatusCode name
     duration_ms: float = 0.0
     timing_ms: dict[str, float] = field(default_factory=dict)  # stage timings of a successful read
+    closed: bool = field(default=False, repr=False)  # audited and counted already
 
     def audit_fields(self) -> dict[str, Any]:
         return {
@@ -166,13 +167,13 @@ def _wrap(
             raise
         except Exception as exc:
             record.code = _status_of(exc)
+            # Recorded before the abort: it sends the status to the client before it returns, and a client that
+            # then reads the metrics or the audit log must find its call there.
+            _close(record, start, on_done)
             await _abort_for(exc, context, method)
         finally:
-            record.duration_ms = (time.perf_counter() - start) * 1e3
-            if record.request_id == "-":
-                record.request_id = request_id_var.get()
             call_record_var.reset(reset)
-            _finish(record, on_done)
+            _close(record, start, on_done)
 
     return wrapper
 
@@ -202,17 +203,26 @@ def _wrap_stream(
             raise
         except Exception as exc:
             record.code = _status_of(exc)
+            _close(record, start, on_done)  # before the abort sends the status, as in _wrap
             await _abort_for(exc, context, method)
         finally:
-            record.duration_ms = (time.perf_counter() - start) * 1e3
-            if record.request_id == "-":
-                record.request_id = request_id_var.get()
             # A generator abandoned mid-stream is closed later from another context, where the reset cannot apply.
             with contextlib.suppress(ValueError):
                 call_record_var.reset(reset)
-            _finish(record, on_done)
+            _close(record, start, on_done)
 
     return wrapper
+
+
+def _close(record: CallRecord, start: float, on_done: Callable[[CallRecord], None] | None) -> None:
+    """Complete ``record`` and hand it to the audit log and ``on_done``, once per call."""
+    if record.closed:
+        return
+    record.closed = True
+    record.duration_ms = (time.perf_counter() - start) * 1e3
+    if record.request_id == "-":
+        record.request_id = request_id_var.get()
+    _finish(record, on_done)
 
 
 def _finish(record: CallRecord, on_done: Callable[[CallRecord], None] | None) -> None:
