@@ -176,7 +176,7 @@ def _direct_pass(
         results = forward_items(task, network, [item for _, _, p in group for item in p.items], batch_size)
         first = 0
         for member, volume, prepared in group:
-            found = task.finalize(volume, prepared, results[first : first + len(prepared.items)])
+            found = task.finalize(volume, prepared, results[first : first + len(prepared.items)]).findings
             first += len(prepared.items)
             findings[member.name] = [list(f.center_mm) for f in found]
         elapsed_ms = (time.perf_counter() - start) * 1e3

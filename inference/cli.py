@@ -151,6 +151,9 @@ def _parser() -> argparse.ArgumentParser:
         help="the series to read when the files hold several: its SeriesInstanceUID, or the 12-digit hash the error "
         "lists it by",
     )
+    read.add_argument(
+        "--fhir", type=Path, default=None, help="write the FHIR R4 Bundle (DiagnosticReport, Observations) here"
+    )
 
     models = sub.add_parser("models", help="inspect, load and unload the models of a server")
     models_sub = models.add_subparsers(dest="models_command", required=True)
@@ -309,6 +312,7 @@ def _read(args: argparse.Namespace) -> int:
     header_fields: dict[str, Any] = {}
     if args.series:
         header_fields["series_instance_uid"] = args.series
+    outputs += [pb.FHIR] * (args.fhir is not None)
     client = _client(args)
     # DICOM outputs come through ReadStreamed, in checked chunks, so that a SEG of any size arrives.
     read = client.read_streamed if args.sr is not None or args.seg is not None else client.read
@@ -339,6 +343,9 @@ def _read(args: argparse.Namespace) -> int:
         elif path is not None:
             why = [w for w in response.warnings if what.split()[-1] in w] or ["the server sent none"]
             print(f"no {what} written to {path}: {'; '.join(why)}", file=sys.stderr)
+    if args.fhir is not None and response.fhir_bundle:
+        args.fhir.write_text(response.fhir_bundle, encoding="utf-8")
+        print(f"wrote FHIR Bundle to {args.fhir}", file=sys.stderr)
     result = response_to_json(response)
     print(json.dumps(result, indent=2) if args.format == "json" else _table(result))
     return 0

@@ -35,7 +35,7 @@ from inference.engine.task import PreparedStudy, Task
 from inference.errors import LimitExceededError
 from inference.io.volume import Volume
 from inference.modelrepo.schema import ModelConfig
-from inference.postprocess.finding import Finding
+from inference.postprocess.finding import Finding, FindingMask
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class ReadResult:
     findings: list[Finding]
     timing_ms: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-    masks: dict[str, np.ndarray] | None = None  # label -> bool mask in the input grid (segmentation models)
+    masks: list[FindingMask] | None = None  # masks[n]: the voxels of findings[n] (segmentation); None: boxes only
 
 
 def without_voxels(volume: Volume) -> Volume:
@@ -195,7 +195,7 @@ class ModelRunner:
         results = await self.batcher.submit(request_id, prepared.items, priority=priority, deadline_s=deadline_s)
         timing["infer"] = (time.perf_counter() - start) * 1e3
         start = time.perf_counter()
-        findings = await loop.run_in_executor(self._io_executor, self.task.finalize, volume, prepared, results)
+        output = await loop.run_in_executor(self._io_executor, self.task.finalize, volume, prepared, results)
         timing["postprocess"] = (time.perf_counter() - start) * 1e3
-        logger.debug("request %s: %d items, %d findings", request_id, len(prepared.items), len(findings))
-        return ReadResult(findings, timing, list(volume.warnings), self.task.masks(prepared))
+        logger.debug("request %s: %d items, %d findings", request_id, len(prepared.items), len(output.findings))
+        return ReadResult(output.findings, timing, list(volume.warnings), output.masks)

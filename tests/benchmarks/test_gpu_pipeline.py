@@ -172,9 +172,11 @@ def _segment(config: ModelConfig, volume, autocast: str):
     network = load_network(task)
     prepared = task.prepare(volume)
     results = forward_items(task, network, prepared.items, config.batching.max_batch_size)
-    findings = task.finalize(volume, prepared, results)
-    masks = task.masks(prepared) or prepared.context.masks  # label -> bool mask, once finalized
-    return findings, masks[config.labels[0]]
+    output = task.finalize(volume, prepared, results)  # the findings and each one's mask (TaskResult)
+    mask = np.zeros(volume.shape, dtype=bool)
+    for finding_mask in output.masks or []:
+        mask[finding_mask.slices] |= finding_mask.mask
+    return output.findings, mask
 
 
 @pytest.mark.parametrize("autocast", ["bf16", "fp16"])
