@@ -298,7 +298,7 @@ def test_read_seg_with_nothing_to_segment_says_so_on_stderr(server, client, vali
     seg = tmp_path / "seg.dcm"
     assert cli_main(["read", *map(str, files), "--server", server.target, "--seg", str(seg)]) == 0
     err = capsys.readouterr().err
-    assert f"no DICOM SEG written to {seg}: no region to segment: DICOM SEG omitted" in err and not seg.exists()
+    assert f"no DICOM SEG written to {seg}: no findings: DICOM SEG omitted" in err and not seg.exists()
 
 
 def test_read_help_gives_the_servers_default(capsys):
