@@ -1,0 +1,252 @@
+"""The archive side of the bridge: an :class:`Archive` interface and its DICOMweb implementation.
+
+:class:`DicomWebArchive` speaks QIDO-RS (find studies, series, instances), WADO-RS (series metadata, instances) and
+STOW-RS (store the results) through the dicomweb-client package. Its failures are :class:`ArchiveError`s that say
+whether a retry may help (connection errors, timeouts, 408, 429, 5xx) or not (any other 4xx, a refused instance).
+
+No URL, UID or response body of the archive ever reaches an error message or the log: dicomweb-client logs each
+request's study UID at INFO and requests' exceptions quote the URL, so the bridge silences the former (``cli``) and
+reports the latter by HTTP status and the transaction's name only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# DICOM JSON tags the bridge reads.
+STUDY_UID = "0020000D"
+SERIES_UID = "0020000E"
+SOP_UID = "00080018"
+STUDY_INSTANCES = "00201208"  # NumberOfStudyRelatedInstances
+RETRIABLE_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+class ArchiveError(RuntimeError):
+    """A DICOMweb transaction that failed. ``status`` is ``HTTP <code>`` or the kind of transport failure
+    (``CONNECTION``, ``TIMEOUT``, ``STOW_REFUSED``, ``MALFORMED_RESPONSE``); ``retriable`` says whether trying again
+    later may succeed."""
+
+    def __init__(self, status: str, message: str, *, retriable: bool) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retriable = retriable
+
+
+def first_value(item: dict[str, Any], tag: str, default: Any = None) -> Any:
+    """The first value of ``tag`` in a DICOM JSON object, or ``default``."""
+    values = item.get(tag, {}).get("Value")
+    return values[0] if values else default
+
+
+def values(item: dict[str, Any], tag: str) -> list[Any]:
+    return list(item.get(tag, {}).get("Value") or [])
+
+
+def text_values(item: dict[str, Any], tag: str) -> list[str]:
+    """The values of ``tag`` as strings (a person name as its alphabetic form)."""
+    out = []
+    for value in values(item, tag):
+        if isinstance(value, dict):
+            value = value.get("Alphabetic", "")
+        out.append(str(value))
+    return out
+
+
+@dataclass(frozen=True)
+class StudyListing:
+    """One study of a QIDO-RS study search: its UID, its instance count, and the attributes asked for."""
+
+    uid: str
+    instances: int
+    attributes: dict[str, Any]
+
+
+class Archive(ABC):
+    """What the bridge needs of an archive; :class:`DicomWebArchive` implements it, tests may wrap it."""
+
+    @abstractmethod
+    def list_studies(self, fields: Sequence[str]) -> list[StudyListing]:
+        raise NotImplementedError(f"{type(self).__name__}.list_studies")
+
+    @abstractmethod
+    def list_series(self, study_uid: str) -> list[dict[str, Any]]:
+        """The study's series (DICOM JSON), each with Modality, SeriesNumber, SeriesDescription and its count."""
+        raise NotImplementedError(f"{type(self).__name__}.list_series")
+
+    @abstractmethod
+    def series_metadata(self, study_uid: str, series_uid: str) -> list[dict[str, Any]]:
+        """Every instance's metadata (DICOM JSON, no pixel data)."""
+        raise NotImplementedError(f"{type(self).__name__}.series_metadata")
+
+    @abstractmethod
+    def retrieve(self, study_uid: str, series_uid: str, sop_uids: Sequence[str]) -> list[bytes]:
+        """The instances ``sop_uids`` of a series, as DICOM Part 10 files, in the transfer syntax stored."""
+        raise NotImplementedError(f"{type(self).__name__}.retrieve")
+
+    @abstractmethod
+    def has_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> bool:
+        raise NotImplementedError(f"{type(self).__name__}.has_instance")
+
+    @abstractmethod
+    def store(self, study_uid: str, part10: bytes) -> None:
+        """Store one DICOM Part 10 object into the study (STOW-RS)."""
+        raise NotImplementedError(f"{type(self).__name__}.store")
+
+
+class DicomWebArchive(Archive):
+    """A DICOMweb archive at ``url`` (its root, e.g. ``http://orthanc:8042/dicom-web``).
+
+    ``token`` is sent as ``Authorization: Bearer``; ``ca`` is the CA bundle that verifies an HTTPS archive (default:
+    the system's). ``lookback_days`` > 0 lists only studies with a StudyDate in that window; ``page_size`` and
+    ``page_overlap`` page through the study list (each page starts ``page_overlap`` studies before the previous one
+    ended, so a study that moves between pages while they are fetched is still seen).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        ca: Path | None = None,
+        timeout_s: float = 60.0,
+        lookback_days: int = 0,
+        page_size: int = 500,
+        page_overlap: int = 20,
+        today: Callable[[], dt.date] = dt.date.today,
+    ) -> None:
+        import requests
+        from dicomweb_client import DICOMwebClient
+
+        session = requests.Session()
+        if ca is not None:
+            session.verify = str(ca)
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self._client = DICOMwebClient(url, session=session, headers=headers, timeout=timeout_s)
+        # Retries belong to the bridge's journal (back-off per study, visible in status), not to a blocked worker.
+        self._client.set_http_retry_params(retry=False)
+        self.lookback_days = lookback_days
+        self.page_size = page_size
+        self.page_overlap = page_overlap
+        self._today = today
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        import requests
+
+        try:
+            return fn()
+        except requests.HTTPError as exc:
+            code = exc.response.status_code if exc.response is not None else 0
+            raise ArchiveError(
+                f"HTTP {code}", f"the archive answered {what} with HTTP {code}", retriable=code in RETRIABLE_HTTP
+            ) from None
+        except requests.Timeout:
+            raise ArchiveError("TIMEOUT", f"the archive did not answer {what} in time", retriable=True) from None
+        except requests.ConnectionError:
+            raise ArchiveError("CONNECTION", f"cannot connect to the archive for {what}", retriable=True) from None
+        except requests.RequestException as exc:
+            raise ArchiveError("HTTP", f"{what} failed: {type(exc).__name__}", retriable=True) from None
+        except (ValueError, KeyError, TypeError, EOFError) as exc:
+            # A body that does not parse (JSON, multipart, DICOM): the archive's fault, maybe a proxy's page.
+            raise ArchiveError(
+                "MALFORMED_RESPONSE",
+                f"the archive's answer to {what} did not parse ({type(exc).__name__})",
+                retriable=True,
+            ) from None
+
+    def list_studies(self, fields: Sequence[str]) -> list[StudyListing]:
+        filters: dict[str, Any] = {}
+        if self.lookback_days:
+            first = self._today() - dt.timedelta(days=self.lookback_days)
+            filters["StudyDate"] = f"{first:%Y%m%d}-"
+        found: dict[str, StudyListing] = {}
+        offset = 0
+        fields = sorted({"NumberOfStudyRelatedInstances", *fields})
+        while True:
+            page = self._call(
+                "the study search (QIDO-RS)",
+                lambda offset=offset: self._client.search_for_studies(
+                    limit=self.page_size, offset=offset, fields=fields, search_filters=filters
+                ),
+            )
+            for item in page:
+                uid = first_value(item, STUDY_UID)
+                if not uid:
+                    continue
+                count = first_value(item, STUDY_INSTANCES, 0)
+                found[uid] = StudyListing(uid=str(uid), instances=int(count or 0), attributes=item)
+            if len(page) < self.page_size:
+                return list(found.values())
+            offset += self.page_size - self.page_overlap
+
+    def list_series(self, study_uid: str) -> list[dict[str, Any]]:
+        return self._call(
+            "the series search (QIDO-RS)",
+            lambda: self._client.search_for_series(
+                study_uid,
+                fields=["Modality", "SeriesNumber", "SeriesDescription", "NumberOfSeriesRelatedInstances"],
+            ),
+        )
+
+    def series_metadata(self, study_uid: str, series_uid: str) -> list[dict[str, Any]]:
+        return self._call(
+            "the series metadata (WADO-RS)", lambda: self._client.retrieve_series_metadata(study_uid, series_uid)
+        )
+
+    def retrieve(self, study_uid: str, series_uid: str, sop_uids: Sequence[str]) -> list[bytes]:
+        from pydicom import dcmwrite
+
+        wanted = set(sop_uids)
+
+        def fetch() -> list[bytes]:
+            files = []
+            for ds in self._client.iter_series(study_uid, series_uid, media_types=(("application/dicom", "*"),)):
+                if str(ds.SOPInstanceUID) not in wanted:
+                    continue
+                buffer = io.BytesIO()
+                dcmwrite(buffer, ds, enforce_file_format=True)
+                files.append(buffer.getvalue())
+            return files
+
+        files = self._call("the series retrieval (WADO-RS)", fetch)
+        if len(files) != len(wanted):
+            raise ArchiveError(
+                "INCOMPLETE",
+                f"the archive returned {len(files)} of the {len(wanted)} instances chosen (WADO-RS)",
+                retriable=True,
+            )
+        return files
+
+    def has_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> bool:
+        found = self._call(
+            "the instance search (QIDO-RS)",
+            lambda: self._client.search_for_instances(
+                study_uid, series_uid, search_filters={"SOPInstanceUID": sop_uid}
+            ),
+        )
+        return any(first_value(item, SOP_UID) == sop_uid for item in found)
+
+    def store(self, study_uid: str, part10: bytes) -> None:
+        from pydicom import dcmread
+
+        dataset = dcmread(io.BytesIO(part10))
+        response = self._call(
+            "the store (STOW-RS)", lambda: self._client.store_instances([dataset], study_instance_uid=study_uid)
+        )
+        failed = getattr(response, "FailedSOPSequence", None) if response is not None else None
+        if failed:
+            reason = getattr(failed[0], "FailureReason", "unknown")
+            raise ArchiveError(
+                "STOW_REFUSED", f"the archive refused the object (STOW-RS failure reason {reason})", retriable=False
+            )
