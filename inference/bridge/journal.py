@@ -231,15 +231,16 @@ class Journal:
             return cursor.rowcount
 
     def claim(self, now: float, busy: Iterable[str] = ()) -> StudyRow | None:
-        """The next study to work on, STAT first, then in the order they became stable: a queued one (it becomes
-        ``reading``) or one left ``storing``. ``busy``: studies this process is working on already."""
+        """The next study to work on: STAT first; within a priority, studies left ``storing`` (their results are
+        made, storing them takes seconds) before queued ones (which become ``reading``), each in the order they
+        became stable. ``busy``: studies this process is working on already."""
         busy = list(busy)
         exclude = f"AND study_uid NOT IN ({','.join('?' * len(busy))})" if busy else ""
         with self._transaction() as db:
             row = db.execute(
                 f"SELECT * FROM studies WHERE state IN (?, ?) AND next_attempt_at <= ? {exclude} "
-                "ORDER BY priority DESC, stable_at ASC, discovered_at ASC LIMIT 1",
-                (State.QUEUED, State.STORING, now, *busy),
+                "ORDER BY priority DESC, state = ? DESC, stable_at ASC, discovered_at ASC LIMIT 1",
+                (State.QUEUED, State.STORING, now, *busy, State.STORING),
             ).fetchone()
             if row is None:
                 return None

@@ -91,7 +91,7 @@ def classify(exc: BaseException) -> BridgeError:
         return BridgeError(exc.status, exc.message, retriable=exc.retriable)
     if isinstance(exc, OutputIntegrityError):
         return BridgeError(exc.code, f"radserve's answer was incomplete: {printable(str(exc))}", retriable=True)
-    if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
+    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
         code = exc.code()
         return BridgeError(code.name, printable(exc.details() or ""), retriable=code in RETRIABLE_GRPC)
     # A bug of the bridge or a library: no traceback in status, one in the log.
@@ -151,7 +151,7 @@ class Bridge:
         self.config = config
         self.clock = clock
         config.state_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = self._lock_state_dir(config.state_dir)
+        self._lock_fd: int | None = self._lock_state_dir(config.state_dir)
         self.journal = Journal(config.journal_path)
         self.archive_factory = archive_factory or (
             lambda: DicomWebArchive(
@@ -247,8 +247,15 @@ class Bridge:
             )
             return 1
         logger.info("bridge drained")
-        self.journal.close()
+        self.close()
         return 0
+
+    def close(self) -> None:
+        """Close the journal and release the state directory (after ``drain``, or for a bridge never started)."""
+        self.journal.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _remove_stray_outputs(self) -> None:
         """Output files no waiting output refers to (left by a crash between storing and deleting them)."""
