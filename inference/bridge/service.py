@@ -235,6 +235,9 @@ class Bridge:
             self._wake.notify_all()
 
     def drain(self) -> int:
+        with self._busy_lock:
+            in_progress = len(self._busy)
+        logger.info("stopping: no new studies; %d in progress get %.0f s to finish", in_progress, self.config.grace_s)
         deadline = time.monotonic() + self.config.grace_s
         for worker in self._workers:
             worker.join(max(0.0, deadline - time.monotonic()))
