@@ -430,8 +430,16 @@ def _triton(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
-        from inference.api.server import serve
-        from inference.config import load_config
+        try:
+            from inference.api.server import serve
+            from inference.config import load_config
+        except ModuleNotFoundError as exc:  # a client-only install (pip install radserve[client])
+            print(
+                f"error: `radserve serve` needs the server's dependencies (missing: {exc.name}); "
+                "install them with: pip install 'radserve[server]'",
+                file=sys.stderr,
+            )
+            return 2
 
         cli = {
             "host": args.host,

@@ -47,6 +47,7 @@ def add_parser(sub: Any) -> None:
     bridge.add_argument("--read-timeout-s", type=float, default=None, help="deadline of one read (900)")
     bridge.add_argument("--max-attempts", type=int, default=None, help="attempts of a retriable failure (20)")
     bridge.add_argument("--retry-backoff-s", type=float, default=None, help="first back-off, doubled after each (5)")
+    bridge.add_argument("--retry-max-backoff-s", type=float, default=None, help="longest back-off (300)")
     bridge.add_argument("--grace-s", type=float, default=None, help="SIGTERM: time for studies in progress (30)")
     bridge.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port (9465; 0: off)")
     bridge.add_argument("--log-level", default="INFO", help="DEBUG|INFO|WARNING|ERROR")

@@ -219,12 +219,22 @@ class Bridge:
             self.config.stable_s,
             self.config.concurrency,
         )
+        failing: str | None = None
         while not self._stop.is_set():
             try:
                 self.poll_once()
-            except Exception as exc:  # a poll that fails is tried again at the next one
+                if failing is not None:
+                    logger.info("polling the archive again after %s", failing)
+                failing = None
+            except Exception as exc:  # a poll that fails is tried again at the next one; said once per outage
                 error = classify(exc)
-                logger.warning("poll failed: %s: %s", error.status, error.message)
+                logger.log(
+                    logging.WARNING if failing != error.status else logging.DEBUG,
+                    "poll failed: %s: %s",
+                    error.status,
+                    error.message,
+                )
+                failing = error.status
             self._stop.wait(self.config.poll_s)
         return self.drain()
 

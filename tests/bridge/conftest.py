@@ -63,7 +63,8 @@ class BridgeProcess:
         self.args = [
             sys.executable, "-m", "inference.cli", "bridge",
             "--dicomweb", archive.dicomweb_url, "--server", server_target, "--state", str(state_dir),
-            "--poll-s", "1", "--stable-s", "1.5", "--retry-backoff-s", "1", "--metrics-port", str(self.metrics_port),
+            "--poll-s", "1", "--stable-s", "1.5", "--retry-backoff-s", "1", "--retry-max-backoff-s", "4",
+            "--metrics-port", str(self.metrics_port),
             *extra,
         ]  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
@@ -72,8 +73,11 @@ class BridgeProcess:
         args = list(self.args)
         if python is not None:
             args[0] = python
+        # A thin install's interpreter runs from outside the checkout, so that it imports its own copy of radserve.
+        cwd = self.state_dir.parent if python is not None else None
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} if python is not None else None
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
         return self
 
     def kill(self) -> None:

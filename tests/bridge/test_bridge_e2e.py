@@ -8,6 +8,7 @@ study must fail alone with its status in `radserve bridge status`, and nothing m
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -272,3 +273,40 @@ def test_an_archive_stopped_for_20_s_delays_but_loses_nothing(server, orthanc, d
     log = bridge.log()
     assert f"event=retry study={hash_uid(uids[0])} status=CONNECTION" in log
     assert "poll failed: CONNECTION" in log
+
+
+@pytest.mark.slow
+def test_the_thin_install_runs_the_bridge_without_torch(server, orthanc, dicomweb, tmp_path):
+    """`pip install 'radserve[client]'` into a clean virtual environment (from PyPI), then the bridge from there
+    against the real server: no torch, no MONAI, no server module."""
+    root = Path(__file__).resolve().parents[2]
+    source = tmp_path / "source"  # a copy, so that the build leaves nothing in the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    shutil.copytree(root / "inference", source / "inference", ignore=shutil.ignore_patterns("__pycache__"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = str(venv / "bin" / "python")
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{source}[client]"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stderr[-4000:]
+    installed = subprocess.run([python, "-m", "pip", "list"], capture_output=True, text=True, timeout=120).stdout
+    for heavy in ("torch", "monai", "highdicom", "nibabel", "scipy"):
+        assert f"\n{heavy} " not in installed.lower(), heavy
+    refused = subprocess.run([str(venv / "bin" / "radserve"), "serve"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "pip install 'radserve[server]'" in refused.stderr
+
+    dx_file = chest_xray(tmp_path / "dx", seed=61)
+    uid = study_uid(dx_file)
+    orthanc.upload([dx_file])
+    bridge = BridgeProcess(orthanc, server.target, tmp_path / "state")
+    try:
+        bridge.start(python=python)  # the thin venv's interpreter, run from outside the checkout
+        wait_until(lambda: bridge.rows().get(uid, {}).get("state") == "stored", 120, "the study stored")
+        assert bridge.terminate() == 0
+    finally:
+        bridge.stop()
+    assert series_by_modality(dicomweb, uid)["SR"] == [1]
