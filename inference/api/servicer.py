@@ -209,6 +209,7 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
                     result.masks,
                     model_name=runner.config.name,
                     model_version=runner.config.version,
+                    weights_sha256=runner.weights_sha256,
                     want_sr=pb.DICOM_SR in wanted,
                     want_seg=pb.DICOM_SEG in wanted,
                     source_files=[bytes(f) for f in upload.files] if pb.DICOM_SEG in wanted else (),

@@ -65,12 +65,16 @@ class ModelRunner:
         io_executor: Executor | None = None,
         *,
         oom_cpu_fallback: bool = True,
+        weights_sha256: str = "",
     ) -> None:
         self.config = config
         self.task = task
         self.backend = backend
         self._io_executor = io_executor
         self.oom_cpu_fallback = oom_cpu_fallback
+        # SHA-256 of the weights file this runner loaded ("" when unknown, e.g. on Triton): part of the identity of the
+        # DICOM outputs it produces (their UIDs, inference.outputs.uids).
+        self.weights_sha256 = weights_sha256
         # torch.compile the network at warm-up (model.yaml `compile`, or the server's --compile for all models).
         self.compile = bool(getattr(config, "compile", False))
         self.batcher = DynamicBatcher(

@@ -309,6 +309,7 @@ class ModelRegistry:
                         build_runner, config, self.device, self._io_executor, backend=self.backend, triton=self.triton
                     )
                 )
+                runner.weights_sha256 = weights_sha  # the derived UIDs of its SR and SEG hash it
                 if self.runner_setup is not None:
                     self.runner_setup(runner)
                 if self.warmup:

@@ -5,6 +5,7 @@
 * ``validate_findings_json`` (validate.py): checks a ``read --format json`` object against
   ``findings.schema.json`` (JSON Schema draft 2020-12, shipped in this package).
 * ``encode_dataset``: any of the DICOM objects -> Part 10 file bytes for the response.
+* uids.py: the SR's and SEG's UIDs, derived from the source and the model (the same read gives the same UIDs).
 """
 
 from __future__ import annotations

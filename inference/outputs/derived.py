@@ -48,14 +48,20 @@ def build_derived(
     *,
     model_name: str,
     model_version: str,
+    weights_sha256: str = "",
     want_sr: bool,
     want_seg: bool,
     source_files: Sequence[bytes] = (),
 ) -> DerivedObjects:
-    """Build and encode the SR and/or SEG. A detection model's SEG paints each finding's box as an ellipsoid."""
+    """Build and encode the SR and/or SEG. A detection model's SEG paints each finding's box as an ellipsoid.
+
+    Their UIDs derive from the source and the model (``inference.outputs.uids``): the same read gives the same UIDs.
+    """
     out = DerivedObjects()
     if want_sr:
-        report = build_measurement_report(volume, findings, model_name=model_name, model_version=model_version)
+        report = build_measurement_report(
+            volume, findings, model_name=model_name, model_version=model_version, weights_sha256=weights_sha256
+        )
         out.sr = encode_dataset(report)
     if want_seg:
         if volume.source is None:
@@ -72,6 +78,7 @@ def build_derived(
             masks,
             model_name=model_name,
             model_version=model_version,
+            weights_sha256=weights_sha256,
             source_datasets=source_headers(volume, source_files),
         )
         out.seg = encode_dataset(seg)

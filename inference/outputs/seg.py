@@ -32,11 +32,11 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
 
 from inference.errors import UnsupportedError
 from inference.io.volume import Volume
 from inference.outputs.sr import FINDING_TYPE_BY_LABEL, LOCAL_SCHEME, local_coding_scheme, local_label_code
+from inference.outputs.uids import SEG, DerivedUids
 from inference.postprocess.finding import Finding
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ def build_segmentation(
     *,
     model_name: str,
     model_version: str,
+    weights_sha256: str = "",
     source_datasets: Sequence[Dataset] | None = None,
     series_number: int = 901,
     instance_number: int = 1,
@@ -80,8 +81,10 @@ def build_segmentation(
     """A BINARY DICOM Segmentation of ``masks`` (label -> bool (X, Y, Z)) referencing ``source_datasets``.
 
     ``source_datasets`` are the input instances (pixel data not needed), any order; they must cover every
-    source image of ``volume``. Raises UnsupportedError when ``volume`` has no DICOM source (NIfTI, raw),
-    ValueError for empty ``masks``, a mask of the wrong shape, or missing source datasets.
+    source image of ``volume``. The Series and SOP Instance UIDs derive from the source, the model (``model_name``,
+    ``model_version``, ``weights_sha256``) and the kind "SEG" (``inference.outputs.uids``). Raises UnsupportedError
+    when ``volume`` has no DICOM source (NIfTI, raw), ValueError for empty ``masks``, a mask of the wrong shape, or
+    missing source datasets.
     """
     if volume.source is None:
         raise UnsupportedError(
@@ -118,6 +121,9 @@ def build_segmentation(
         )
 
     ordered, frames = _frames(volume, stacked, source_datasets)
+    uids = DerivedUids.for_volume(
+        volume, model_name=model_name, model_version=model_version, weights_sha256=weights_sha256
+    )
     extra: dict[str, object] = {}
     if uses_local_codes:
         extra["coding_schemes"] = [local_coding_scheme()]
@@ -126,9 +132,9 @@ def build_segmentation(
         pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=generate_uid(),
+        series_instance_uid=uids.series(SEG),
         series_number=series_number,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=uids.instance(SEG),
         instance_number=instance_number,
         manufacturer=manufacturer[:_MAX_LO],
         manufacturer_model_name=model_name[:_MAX_LO],

@@ -3,11 +3,13 @@
 Document layout
 ---------------
 One Comprehensive 3D SR instance: the TID 1500 "Imaging Measurement Report" with the model as the device
-observer (TID 1004: name = model name, model name = "name:version", UID derived from both), the procedure
+observer (TID 1004: name = model name, model name = "name:version", UID derived from the model's name, version
+and weights, ``inference.outputs.uids.device_uid``), the procedure
 reported coded from the modality (``PROCEDURE_BY_MODALITY``), and one TID 1410 "Planar ROI Measurements and
 Qualitative Evaluations" group per finding, in the order given, holding:
 
-* Tracking Identifier: "finding N" (N = 1, 2, ... in input order) and a new Tracking Unique Identifier.
+* Tracking Identifier: "finding N" (N = 1, 2, ... in input order) and a Tracking Unique Identifier derived from
+  the source, the model and N (``inference.outputs.uids``): the same on every read of the same study.
 * Finding (DCM 121071): the finding type coded from the label (``FINDING_TYPE_BY_LABEL``).
 * Finding Site (SCT 363698007): coded from (modality, label) (``FINDING_SITE_BY_MODALITY_LABEL``); absent
   when the table has no entry.
@@ -57,12 +59,14 @@ label. The SR then lists 99RADSERVE in its Coding Scheme Identification Sequence
 Patient, study and evidence
 ---------------------------
 With DICOM input (``volume.source`` set) the Patient and General Study attributes are copied from
-``volume.source.header`` (the SR joins the input's study: same StudyInstanceUID), the SR gets a new
-SeriesInstanceUID and SOPInstanceUID, and the Current Requested Procedure Evidence Sequence lists every
-source instance of the volume (all were read by the model; this includes every referenced instance).
+``volume.source.header`` (the SR joins the input's study: same StudyInstanceUID), the SR gets its own
+SeriesInstanceUID and SOPInstanceUID (derived, ``inference.outputs.uids``: the same on every read of the same
+series with the same model), and the Current Requested Procedure Evidence Sequence lists every source instance of
+the volume (all were read by the model; this includes every referenced instance).
 
 For NIfTI or raw input (``volume.source`` is None) nothing identifies the patient or study, so the SR
-synthesises exactly this: a new StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID and a new
+synthesises exactly this: a new StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID (new on every read:
+nothing identifies the input), new tracking UIDs and a new
 FrameOfReferenceUID used only inside the SCOORD3D items (no other object shares it); StudyDate and StudyTime
 are the moment the report is built (the synthesised study comes into being then); PatientName, PatientID,
 PatientBirthDate, PatientSex, AccessionNumber, StudyID and ReferringPhysicianName are present but empty
@@ -92,6 +96,7 @@ from pydicom.valuerep import DA, TM
 
 from inference.errors import UnsupportedError
 from inference.io.volume import SourceImage, Volume
+from inference.outputs.uids import SR, DerivedUids, device_uid
 from inference.postprocess.finding import Finding
 
 logger = logging.getLogger(__name__)
@@ -208,11 +213,15 @@ def build_measurement_report(
     *,
     model_name: str,
     model_version: str,
+    weights_sha256: str = "",
     series_number: int = 900,
     instance_number: int = 1,
     manufacturer: str = "radserve",
 ) -> Dataset:
     """A Comprehensive 3D SR (TID 1500) holding ``findings`` of ``volume``; see the module docstring.
+
+    Its Series and SOP Instance UIDs and the findings' tracking UIDs derive from the source, the model
+    (``model_name``, ``model_version``, ``weights_sha256``) and the kind "SR" (``inference.outputs.uids``).
 
     Raises UnsupportedError for projection X-ray without DICOM source, ValueError for a finding whose
     coordinates do not fit the volume (wrong number of values, non-finite numbers).
@@ -225,6 +234,9 @@ def build_measurement_report(
             "this volume was not read from DICOM"
         )
     context = _context(volume)
+    uids = DerivedUids.for_volume(
+        volume, model_name=model_name, model_version=model_version, weights_sha256=weights_sha256
+    )
     algorithm = hd.sr.AlgorithmIdentification(name=model_name, version=model_version)
 
     groups: list[
@@ -234,18 +246,20 @@ def build_measurement_report(
     for number, finding in enumerate(findings, start=1):
         finding_type = finding_type_code(finding.label)
         uses_local_codes |= finding_type.scheme_designator == LOCAL_SCHEME
-        groups.append(_finding_group(volume, finding, number, finding_type, algorithm, context, projection))
+        groups.append(
+            _finding_group(volume, finding, number, finding_type, algorithm, context, projection, uids.tracking(number))
+        )
     if not groups:
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="no findings"),
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=uids.no_findings_tracking(), identifier="no findings"),
                 finding_type=NO_FINDING,
                 algorithm_id=algorithm,
             )
         )
 
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=generate_uid(entropy_srcs=["radserve model", model_name, model_version]),
+        uid=device_uid(model_name, model_version, weights_sha256),
         name=model_name[:_MAX_LO],
         manufacturer_name=manufacturer[:_MAX_LO],
         model_name=f"{model_name}:{model_version}"[:_MAX_LO],
@@ -267,9 +281,9 @@ def build_measurement_report(
     sr = hd.sr.Comprehensive3DSR(
         evidence=context.evidence,
         content=report[0],
-        series_instance_uid=generate_uid(),
+        series_instance_uid=uids.series(SR),
         series_number=series_number,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=uids.instance(SR),
         instance_number=instance_number,
         manufacturer=manufacturer,
         manufacturer_model_name=model_name[:_MAX_LO],
@@ -302,6 +316,7 @@ def _finding_group(
     algorithm: hd.sr.AlgorithmIdentification,
     context: _Context,
     projection: bool,
+    tracking_uid: str,
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     image = _source_image(volume, finding, projection)
     source_refs = None
@@ -359,7 +374,7 @@ def _finding_group(
 
     site = finding_site_code(volume.modality, finding.label)
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"finding {number}"),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=f"finding {number}"),
         referenced_region=region,
         finding_type=finding_type,
         finding_sites=[hd.sr.FindingSite(site)] if site is not None else None,

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 
 from inference.outputs import validate_findings_json
+from inference.outputs.uids import SEG, SR, DerivedUids, SourceKey
 from inference.phantoms import make_chest_ct, write_dicom_series
 
+ROOT = Path(__file__).resolve().parents[2]
 MATCH_MM = 3.0
 
 
@@ -171,3 +175,23 @@ def test_sr_and_seg_come_back_valid_and_equal_to_the_findings(server, flipped_st
             assert not errors, errors
     if shutil.which("dsrdump"):
         assert subprocess.run(["dsrdump", str(sr_path)], capture_output=True, timeout=60).returncode == 0
+
+    # A redelivery: the same study read again gives the same UIDs, those the documented derivation gives for the
+    # source instances and the model's weights, so that an archive replaces the objects instead of keeping two.
+    again_sr, again_seg = tmp_path / "sr2.dcm", tmp_path / "seg2.dcm"
+    result = radserve(*args[:-1], str(again_sr), "--seg", str(again_seg))
+    assert result.returncode == 0, result.stderr
+    weights = (ROOT / "models" / body["model"] / body["model_version"] / "model.pt").read_bytes()
+    series_uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    uids = DerivedUids(
+        SourceKey(study_uid, series_uid, tuple(sorted(source_uids))),
+        model_name=body["model"],
+        model_version=body["model_version"],
+        weights_sha256=hashlib.sha256(weights).hexdigest(),
+    )
+    for path, kind in ((sr_path, SR), (again_sr, SR), (seg_path, SEG), (again_seg, SEG)):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert (ds.SOPInstanceUID, ds.SeriesInstanceUID) == (uids.instance(kind), uids.series(kind)), path.name
+    tracking = [group.tracking_uid for group in hd.sr.srread(again_sr).content.get_planar_roi_measurement_groups()]
+    assert tracking == [group.tracking_uid for group in groups]
+    assert tracking == [uids.tracking(number) for number in range(1, len(groups) + 1)]
