@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -35,8 +36,12 @@ class _JournalCollector(Collector):
         self._state_counts = state_counts
 
     def collect(self) -> Iterator[Metric]:
+        try:
+            counts = self._state_counts()
+        except sqlite3.Error:  # the journal is closed (after the drain): no gauge rather than a failed scrape
+            return
         family = GaugeMetricFamily("radserve_bridge_studies", "Studies in the journal by state", labels=["state"])
-        for state, count in sorted(self._state_counts().items()):
+        for state, count in sorted(counts.items()):
             family.add_metric([state], count)
         yield family
 

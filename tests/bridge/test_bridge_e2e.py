@@ -8,6 +8,7 @@ study must fail alone with its status in `radserve bridge status`, and nothing m
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -227,6 +228,21 @@ def test_a_crash_between_storing_and_journaling_stores_nothing_twice(server, ort
     assert archived["SR"] == [1] and archived.get("SEG", [1]) == [1]
     sample = second.metrics.registry.get_sample_value
     assert sample("radserve_bridge_outputs_stored_total", {"kind": "SR", "how": "already_present"}) == 1
+
+    # A lost journal: a bridge with a new state directory reads the study again. The SR and SEG UIDs are derived
+    # from the source and the model (deterministic), so the archive already has both and nothing is stored twice.
+    third = Bridge(dataclasses.replace(config, state_dir=tmp_path / "new-state"))
+    third.start()
+    try:
+        third.poll_once()
+        wait_until(lambda: third.journal.get(uid).state == "stored", 60, "the study read again")
+    finally:
+        third.stop()
+        assert third.drain() == 0
+    assert series_by_modality(dicomweb, uid) == archived
+    sample = third.metrics.registry.get_sample_value
+    assert sample("radserve_bridge_outputs_stored_total", {"kind": "SR", "how": "already_present"}) == 1
+    assert sample("radserve_bridge_outputs_stored_total", {"kind": "SR", "how": "stow"}) is None
 
 
 def test_sigterm_lets_the_study_in_progress_finish(server, orthanc, dicomweb, tmp_path):
