@@ -127,9 +127,11 @@ class OrthancProcess:
                 response = session.post(f"{self.url}/instances", data=data, timeout=60)
                 response.raise_for_status()
 
-    def get(self, path: str) -> Any:
+    def study_id(self, study_uid: str) -> str:
+        """Orthanc's own identifier of a study (its Explorer's URLs use it)."""
         import requests
 
-        response = requests.get(f"{self.url}{path}", timeout=60)
+        response = requests.post(f"{self.url}/tools/lookup", data=study_uid, timeout=60)
         response.raise_for_status()
-        return response.json()
+        (study,) = [item for item in response.json() if item["Type"] == "Study"]
+        return str(study["ID"])
