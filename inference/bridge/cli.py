@@ -50,6 +50,7 @@ def add_parser(sub: Any) -> None:
     bridge.add_argument("--retry-max-backoff-s", type=float, default=None, help="longest back-off (300)")
     bridge.add_argument("--grace-s", type=float, default=None, help="SIGTERM: time for studies in progress (30)")
     bridge.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port (9465; 0: off)")
+    bridge.add_argument("--metrics-host", default=None, help="address of the metrics port (127.0.0.1)")
     bridge.add_argument("--log-level", default="INFO", help="DEBUG|INFO|WARNING|ERROR")
     bridge.add_argument("--log-format", default="text", choices=["text", "json"])
     commands = bridge.add_subparsers(dest="bridge_command", required=False)
@@ -81,6 +82,7 @@ CONFIG_KEYS = (
     "retry_backoff_s",
     "grace_s",
     "metrics_port",
+    "metrics_host",
 )
 
 
