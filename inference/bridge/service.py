@@ -346,20 +346,25 @@ class Bridge:
                 self._busy.add(row.study_uid)
             return row
 
+    def work_one(self) -> StudyRow | None:
+        """Claim the next study and work on it (see :meth:`process`); returns it, or None when none is due."""
+        row = self._claim()
+        if row is None:
+            return None
+        try:
+            self.process(row)
+        finally:
+            with self._busy_lock:
+                self._busy.discard(row.study_uid)
+        return row
+
     def _work(self) -> None:
         while not self._stop.is_set():
-            row = self._claim()
-            if row is None:
+            if self.work_one() is None:
                 due = self.journal.next_due()
                 wait_s = self.config.poll_s if due is None else min(self.config.poll_s, max(0.05, due - self.clock()))
                 with self._wake:
                     self._wake.wait(wait_s)
-                continue
-            try:
-                self.process(row)
-            finally:
-                with self._busy_lock:
-                    self._busy.discard(row.study_uid)
 
     def process(self, row: StudyRow) -> None:
         """Work on one claimed study until it is stored, skipped, failed or scheduled for a retry."""

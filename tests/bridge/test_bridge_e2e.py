@@ -326,3 +326,72 @@ def test_the_thin_install_runs_the_bridge_without_torch(server, orthanc, dicomwe
     finally:
         bridge.stop()
     assert series_by_modality(dicomweb, uid)["SR"] == [1]
+
+
+def in_process_bridge(orthanc, server_target: str, state_dir: Path, **settings):
+    from inference.bridge.config import BridgeConfig
+    from inference.bridge.service import Bridge
+
+    config = BridgeConfig(orthanc.dicomweb_url, server_target, state_dir, stable_s=0.0, metrics_port=0, **settings)
+    return Bridge(config)
+
+
+def work_once(bridge) -> str:
+    """One poll, then one claimed study worked on to its next state; returns that state."""
+    bridge.poll_once()
+    row = bridge.work_one()
+    assert row is not None
+    return bridge.journal.get(row.study_uid).state
+
+
+def test_radserve_unreachable_is_retried_with_back_off_then_fails(orthanc, tmp_path):
+    from inference.bridge.orthanc import free_port
+
+    dx_file = chest_xray(tmp_path / "dx", seed=71)
+    uid = study_uid(dx_file)
+    orthanc.upload([dx_file])
+    bridge = in_process_bridge(
+        orthanc, f"127.0.0.1:{free_port()}", tmp_path / "state", max_attempts=2, retry_backoff_s=0.0
+    )
+    try:
+        assert work_once(bridge) == "queued"
+        row = bridge.journal.get(uid)
+        assert (row.attempts, row.status) == (1, "UNAVAILABLE")
+        assert work_once(bridge) == "failed"
+        row = bridge.journal.get(uid)
+        assert row.status == "UNAVAILABLE" and row.message.endswith("(gave up after 2 attempts)")
+        assert bridge.metrics.registry.get_sample_value("radserve_bridge_retries_total", {"status": "UNAVAILABLE"}) == 1
+    finally:
+        bridge.close()
+
+
+def test_a_late_image_series_reopens_a_study_and_reports_do_not(server, orthanc, dicomweb, tmp_path):
+    first = make_brain_mr(np.random.default_rng(81), shape=(96, 96, 24), n_lesions=1)
+    files = write_dicom_series(first, tmp_path / "mr1")
+    uid = study_uid(files[0])
+    orthanc.upload(files)
+    bridge = in_process_bridge(orthanc, server.target, tmp_path / "state")
+    try:
+        assert work_once(bridge) == "stored"
+        bridge.poll_once()  # the SR and SEG stored into the study change its count: no new read
+        assert bridge.journal.get(uid).state == "stored"
+
+        report = pydicom.dcmread(get_testdata_file("reportsi.dcm"))
+        report.StudyInstanceUID = uid
+        report.SeriesInstanceUID = pydicom.uid.generate_uid()
+        report.SOPInstanceUID = pydicom.uid.generate_uid()
+        report.save_as(tmp_path / "report.dcm")
+        orthanc.upload([tmp_path / "report.dcm"])
+        bridge.poll_once()  # another system's report: nothing a model reads
+        assert bridge.journal.get(uid).state == "stored"
+
+        late = make_brain_mr(np.random.default_rng(82), shape=(96, 96, 30), n_lesions=1)
+        orthanc.upload(write_dicom_series(late, tmp_path / "mr2", study_instance_uid=uid, series_number=2))
+        bridge.poll_once()  # a new MR series of 30 slices: read again, once quiet
+        assert bridge.journal.get(uid).state == "queued"
+        assert work_once(bridge) == "stored"
+    finally:
+        bridge.close()
+    archived = series_by_modality(dicomweb, uid)
+    assert sorted(archived["MR"]) == [24, 30]
+    assert archived["SR"] == [1, 1, 1]  # the other system's report, and one radserve SR per series read
