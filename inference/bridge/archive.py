@@ -73,6 +73,26 @@ class StudyListing:
     attributes: dict[str, Any]
 
 
+class BearerTokenFile:
+    """requests auth: ``Authorization: Bearer <the file's content>``, the file read again when its mtime changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._stamp: float | None = None
+        self._token = ""
+
+    def token(self) -> str:
+        stamp = self.path.stat().st_mtime
+        if stamp != self._stamp:
+            self._token = self.path.read_text().strip()
+            self._stamp = stamp
+        return self._token
+
+    def __call__(self, request: Any) -> Any:
+        request.headers["Authorization"] = f"Bearer {self.token()}"
+        return request
+
+
 class Archive(ABC):
     """What the bridge needs of an archive; :class:`DicomWebArchive` implements it, tests may wrap it."""
 
@@ -108,10 +128,13 @@ class Archive(ABC):
 class DicomWebArchive(Archive):
     """A DICOMweb archive at ``url`` (its root, e.g. ``http://orthanc:8042/dicom-web``).
 
-    ``token`` is sent as ``Authorization: Bearer``; ``ca`` is the CA bundle that verifies an HTTPS archive (default:
-    the system's). ``lookback_days`` > 0 lists only studies with a StudyDate in that window; ``page_size`` and
-    ``page_overlap`` page through the study list (each page starts ``page_overlap`` studies before the previous one
-    ended, so a study that moves between pages while they are fetched is still seen).
+    Auth, at most one of: ``token``, sent as ``Authorization: Bearer``; ``token_file``, a file holding the bearer
+    token, read again whenever it changes (a sidecar or a cron job refreshes short-lived OAuth tokens: Google Cloud
+    Healthcare, Azure, dcm4chee behind Keycloak); ``basic_auth``, ``USER:PASSWORD`` (Orthanc's own users). ``ca`` is
+    the CA bundle that verifies an HTTPS archive (default: the system's). ``lookback_days`` > 0 lists only studies
+    with a StudyDate in that window; ``page_size`` and ``page_overlap`` page through the study list (each page
+    starts ``page_overlap`` studies before the previous one ended, so a study that moves between pages while they
+    are fetched is still seen).
     """
 
     def __init__(
@@ -119,6 +142,8 @@ class DicomWebArchive(Archive):
         url: str,
         *,
         token: str | None = None,
+        token_file: Path | None = None,
+        basic_auth: str | None = None,
         ca: Path | None = None,
         timeout_s: float = 60.0,
         lookback_days: int = 0,
@@ -129,11 +154,21 @@ class DicomWebArchive(Archive):
         import requests
         from dicomweb_client import DICOMwebClient
 
+        if sum(x is not None for x in (token, token_file, basic_auth)) > 1:
+            raise ValueError("give at most one of the archive's token, token file and basic auth")
         session = requests.Session()
         if ca is not None:
             session.verify = str(ca)
-        headers = {"Authorization": f"Bearer {token}"} if token else None
-        self._client = DICOMwebClient(url, session=session, headers=headers, timeout=timeout_s)
+        if token is not None:
+            session.headers["Authorization"] = f"Bearer {token}"
+        elif token_file is not None:
+            session.auth = BearerTokenFile(token_file)
+        elif basic_auth is not None:
+            user, sep, password = basic_auth.partition(":")
+            if not sep:
+                raise ValueError("the archive's basic auth must be USER:PASSWORD")
+            session.auth = (user, password)
+        self._client = DICOMwebClient(url, session=session, timeout=timeout_s)
         # Retries belong to the bridge's journal (back-off per study, visible in status), not to a blocked worker.
         self._client.set_http_retry_params(retry=False)
         self.lookback_days = lookback_days

@@ -30,6 +30,13 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="bearer token for the archive (default: the RADSERVE_DICOMWEB_TOKEN environment variable)",
     )
+    bridge.add_argument(
+        "--dicomweb-token-file",
+        type=Path,
+        default=None,
+        help="a file holding the archive's bearer token, read "
+        "again when it changes (short-lived OAuth tokens refreshed by another process)",
+    )
     bridge.add_argument("--dicomweb-ca", type=Path, default=None, help="CA bundle (PEM) of an HTTPS archive")
     bridge.add_argument("--server", default=None, help="HOST:PORT of radserve")
     bridge.add_argument("--ca", type=Path, default=None, help="CA certificate (PEM) of radserve: use TLS")
@@ -66,6 +73,7 @@ def add_parser(sub: Any) -> None:
 CONFIG_KEYS = (
     "dicomweb_url",
     "dicomweb_token",
+    "dicomweb_token_file",
     "dicomweb_ca",
     "server",
     "ca",
@@ -163,8 +171,10 @@ def run(args: argparse.Namespace) -> int:
 
     cli = {key: getattr(args, key) for key in CONFIG_KEYS}
     cli["token"] = cli["token"] if cli["token"] is not None else os.environ.get("RADSERVE_TOKEN") or None
-    if cli["dicomweb_token"] is None:
+    if cli["dicomweb_token"] is None and cli["dicomweb_token_file"] is None:
         cli["dicomweb_token"] = os.environ.get("RADSERVE_DICOMWEB_TOKEN") or None
+    # Basic auth only from the environment: a password on the command line is visible to every user (ps).
+    cli["dicomweb_basic_auth"] = os.environ.get("RADSERVE_DICOMWEB_BASIC_AUTH") or None
     try:
         config = load_bridge_config(cli, config_file=args.config)
         configure_logging(args.log_level, args.log_format)

@@ -148,8 +148,12 @@ class BridgeConfig:
     cert: Path | None = None
     key: Path | None = None
     token: str | None = field(default=None, repr=False)
-    # The archive's own auth: a bearer token, and a CA bundle for its HTTPS certificate.
+    # The archive's own auth (at most one): a bearer token; a file holding one, read again when it changes (for
+    # short-lived OAuth tokens refreshed by another process); USER:PASSWORD for HTTP basic auth. And a CA bundle for
+    # its HTTPS certificate.
     dicomweb_token: str | None = field(default=None, repr=False)
+    dicomweb_token_file: Path | None = None
+    dicomweb_basic_auth: str | None = field(default=None, repr=False)
     dicomweb_ca: Path | None = None
 
     def __post_init__(self) -> None:
@@ -191,6 +195,11 @@ class BridgeConfig:
                 f"retry_max_backoff_s ({self.retry_max_backoff_s!r}) must be >= retry_backoff_s "
                 f"({self.retry_backoff_s!r})"
             )
+        archive_auth = [self.dicomweb_token, self.dicomweb_token_file, self.dicomweb_basic_auth]
+        if sum(value is not None for value in archive_auth) > 1:
+            raise ValueError("give at most one of dicomweb_token, dicomweb_token_file and dicomweb_basic_auth")
+        if self.dicomweb_basic_auth is not None and ":" not in self.dicomweb_basic_auth:
+            raise ValueError("dicomweb_basic_auth must be USER:PASSWORD")
         if (self.cert is None) != (self.key is None):
             raise ValueError("a client certificate needs both cert and key")
 
@@ -253,7 +262,7 @@ def load_bridge_config(cli: Mapping[str, Any], config_file: Path | None = None) 
     for name, flag in (("dicomweb_url", "--dicomweb"), ("server", "--server"), ("state_dir", "--state")):
         if not values.get(name):
             raise ValueError(f"{flag} is required (or {name} in the YAML file)")
-    for name in ("ca", "cert", "key", "dicomweb_ca", "state_dir"):
+    for name in ("ca", "cert", "key", "dicomweb_ca", "dicomweb_token_file", "state_dir"):
         if values.get(name) is not None:
             values[name] = Path(values[name])
     return BridgeConfig(**values)

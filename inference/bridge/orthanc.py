@@ -39,8 +39,16 @@ def orthanc_available() -> bool:
 
 
 class OrthancProcess:
-    def __init__(self, workdir: Path, *, port: int | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        log_path: Path | None = None,
+        users: dict[str, str] | None = None,
+    ) -> None:
         self.workdir = Path(workdir)
+        self.users = dict(users or {})  # HTTP basic auth on every request when given
         self.port = port or free_port()
         self.log_path = log_path or self.workdir / "orthanc.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -65,7 +73,8 @@ class OrthancProcess:
             "HttpPort": self.port,
             "HttpBindAddress": "127.0.0.1",  # not every build honours it: RemoteAccessAllowed false as well
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "DicomServerEnabled": False,
             "DicomPort": free_port(),
             "Plugins": [str(DICOMWEB_PLUGIN)],
@@ -89,7 +98,7 @@ class OrthancProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"Orthanc exited with code {self.process.returncode}; see {self.log_path}")
             try:
-                if requests.get(f"{self.dicomweb_url}/studies", timeout=2).status_code == 200:
+                if requests.get(f"{self.dicomweb_url}/studies", timeout=2, auth=self._auth()).status_code == 200:
                     return self
             except requests.RequestException:
                 pass
@@ -109,6 +118,9 @@ class OrthancProcess:
             self._log.close()
             self._log = None
 
+    def _auth(self) -> tuple[str, str] | None:
+        return next(iter(self.users.items())) if self.users else None
+
     def __enter__(self) -> OrthancProcess:
         return self.start()
 
@@ -124,14 +136,14 @@ class OrthancProcess:
         with requests.Session() as session:
             for item in files:
                 data = item if isinstance(item, bytes) else Path(item).read_bytes()
-                response = session.post(f"{self.url}/instances", data=data, timeout=60)
+                response = session.post(f"{self.url}/instances", data=data, timeout=60, auth=self._auth())
                 response.raise_for_status()
 
     def study_id(self, study_uid: str) -> str:
         """Orthanc's own identifier of a study (its Explorer's URLs use it)."""
         import requests
 
-        response = requests.post(f"{self.url}/tools/lookup", data=study_uid, timeout=60)
+        response = requests.post(f"{self.url}/tools/lookup", data=study_uid, timeout=60, auth=self._auth())
         response.raise_for_status()
         (study,) = [item for item in response.json() if item["Type"] == "Study"]
         return str(study["ID"])

@@ -157,6 +157,8 @@ class Bridge:
             lambda: DicomWebArchive(
                 config.dicomweb_url,
                 token=config.dicomweb_token,
+                token_file=config.dicomweb_token_file,
+                basic_auth=config.dicomweb_basic_auth,
                 ca=config.dicomweb_ca,
                 timeout_s=config.http_timeout_s,
                 lookback_days=config.lookback_days,
