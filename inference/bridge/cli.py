@@ -126,7 +126,7 @@ def status(args: argparse.Namespace) -> int:
             "message": s.message,
             "next_attempt": _when(s.next_attempt_at) if s.next_attempt_at else None,
             "updated": _when(s.updated_at),
-            "reads": json.loads(s.choice).get("reads", []) if s.choice else [],
+            "choice": json.loads(s.choice) if s.choice else None,  # what was read and why, what was left out
         }
         for s in shown
     ]
