@@ -7,7 +7,8 @@ Two measurements, each with a fresh Orthanc, a fresh journal and the real server
   QIDO-RS, WADO-RS metadata and retrieval, ReadStreamed with SR and SEG, the QIDO-RS look and STOW-RS).
 * ``stat``: the time from "stable" to "results stored" (the journal's ``stable_at`` to ``stored_at``) of one STAT
   study (StudyDescription "CT HEAD CODE STROKE", a priority rule) arriving alone, and arriving once ``--behind``
-  routine studies are queued; with the rule removed as well, to show what the priority buys.
+  routine studies, in the archive before it, are queued; with the rule removed as well, to show what the priority
+  buys.
 
 Every study is the same phantom written again with new UIDs (so each is a new study with new outputs); the input
 size is printed. `python -m benchmarks.bridge_loop --out runs/bench-bridge` (about 10 minutes on 2 cores).
@@ -99,10 +100,11 @@ class Loop:
         return time.time()
 
     def wait(self, uids: list[str], state: str = "stored", timeout_s: float = 3600.0) -> dict[str, dict[str, Any]]:
+        """Until every study is in ``state`` (one state, or several joined by ``|``); returns the journal."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             current = rows(self.state)
-            if all(current.get(uid, {}).get("state") == state for uid in uids):
+            if all(current.get(uid, {}).get("state") in state.split("|") for uid in uids):
                 return current
             failed = [r for r in current.values() if r["state"] == "failed"]
             if failed:
@@ -149,29 +151,29 @@ def throughput(workdir: Path, server: ServerProcess, studies: Studies, n: int, c
 def stat_lag(
     workdir: Path, server: ServerProcess, studies: Studies, behind: int, concurrency: int, rules: str | None
 ) -> dict[str, Any]:
+    """The routine studies are in the archive before the bridge starts; the STAT one is stored once the bridge has
+    queued them all, so it becomes stable behind them. ``ahead`` counts the routine studies stable before it and
+    stored after it became stable: the queue it actually arrived behind."""
     loop = Loop(workdir, server, concurrency, rules)
     try:
-        loop.start_bridge()
         routine = []
         for _ in range(behind):
             uid, files = studies.write("CT CHEST ROUTINE")
             loop.orthanc.upload(files)
             routine.append(uid)
-        if routine:  # the STAT study arrives once the routine ones are queued (or being read)
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
-                states = [rows(loop.state).get(uid, {}).get("state") for uid in routine]
-                if all(s not in (None, "discovered") for s in states):
-                    break
-                time.sleep(0.2)
-        load_before = load_average()
         uid, files = studies.write("CT HEAD CODE STROKE")
+        loop.start_bridge()
+        if routine:
+            loop.wait(routine, state="queued|reading|storing|stored")
+        load_before = load_average()
         loop.orthanc.upload(files)
         done = loop.wait([uid, *routine])
         stat = done[uid]
+        ahead = [u for u in routine if done[u]["stable_at"] < stat["stable_at"] < done[u]["stored_at"]]
         routine_lags = sorted(done[u]["stored_at"] - done[u]["stable_at"] for u in routine)
         return {
             "behind": behind,
+            "ahead_when_stable": len(ahead),
             "rule": rules is not None,
             "concurrency": concurrency,
             "priority": "STAT" if stat["priority"] == 2 else "ROUTINE",

@@ -167,12 +167,16 @@ class Journal:
         with self._lock:
             return dict(self._db.execute("SELECT study_uid, instances FROM studies").fetchall())
 
-    def discover(self, study_uid: str, instances: int, priority: int, now: float) -> None:
+    def discover(self, studies: Iterable[tuple[str, int, int]], now: float) -> None:
+        """New studies, each (UID, instance count, priority), in one transaction (a first poll may list many)."""
         with self._transaction() as db:
-            db.execute(
+            db.executemany(
                 "INSERT OR IGNORE INTO studies (study_uid, study_hash, state, priority, instances, discovered_at, "
                 "changed_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (study_uid, hash_uid(study_uid), State.DISCOVERED, priority, instances, now, now, now),
+                [
+                    (uid, hash_uid(uid), State.DISCOVERED, priority, instances, now, now, now)
+                    for uid, instances, priority in studies
+                ],
             )
 
     def changed(self, study_uid: str, instances: int, priority: int, now: float) -> State | None:

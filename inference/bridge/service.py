@@ -106,6 +106,10 @@ class ReadResult:
     models: list[str]
 
 
+def _priority_name(priority: int) -> str:
+    return "STAT" if priority == STAT else "ROUTINE"
+
+
 def _fsync_write(path: Path, data: bytes) -> None:
     """Write ``path`` so that after a crash it is either absent or whole: temporary file, fsync, rename, fsync dir."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -300,44 +304,50 @@ class Bridge:
         return ROUTINE
 
     def poll_once(self) -> None:
-        """One poll: new studies, changed counts, studies now stable."""
+        """One poll: new studies (recorded in one transaction), changed counts, studies now stable."""
         listing: Sequence[StudyListing] = self.archive.list_studies(self._priority_fields)
         now = self.clock()
         known = self.journal.counts()
+        new = []
         for study in listing:
             priority = self.study_priority(study.attributes)
             if study.uid not in known:
-                self.journal.discover(study.uid, study.instances, priority, now)
-                self.metrics.discovered.inc()
-                audit(
-                    "discovered",
-                    hash_uid(study.uid),
-                    priority="STAT" if priority == STAT else "ROUTINE",
-                    instances=study.instances,
-                )
+                new.append((study.uid, study.instances, priority))
             elif known[study.uid] != study.instances:
-                state = self.journal.changed(study.uid, study.instances, priority, now)
-                if state in TERMINAL:
-                    self._recheck(study.uid, now)
+                self._changed(study, priority, now)
+        if new:
+            self.journal.discover(new, now)
+            self.metrics.discovered.inc(len(new))
+            for uid, instances, priority in new:
+                audit("discovered", hash_uid(uid), priority=_priority_name(priority), instances=instances)
         if self.journal.promote_stable(now, self.config.stable_s):
             with self._wake:
                 self._wake.notify_all()
 
-    def _recheck(self, study_uid: str, now: float) -> None:
-        """A finished study whose instance count changed: read it again only if an image series a model reads
-        arrived (radserve's own SR and SEG, and anything else left out by the series rules, never trigger a read)."""
-        row = self.journal.get(study_uid)
-        seen = set(json.loads(row.series_seen)) if row and row.series_seen else set()
-        routed = self._routed_or_empty()
-        new = [
-            s
-            for s in self.archive.list_series(study_uid)
-            if str(first_value(s, SERIES_UID, "")) not in seen
-            and series_exclusion(s, routed, self.config.series, seen) is None
-        ]
-        if new:
-            self.journal.reopen(study_uid, now)
-            audit("reopened", hash_uid(study_uid), new_series=len(new))
+    def _changed(self, study: StudyListing, priority: int, now: float) -> None:
+        """A known study whose instance count changed. A finished one is read again only if an image series a model
+        reads arrived: radserve's own SR and SEG (their series are in the journal), and whatever the series rules
+        leave out, never trigger a read. When that cannot be decided now (radserve or the archive unreachable), the
+        count is left as it was, so the next poll looks again."""
+        row = self.journal.get(study.uid)
+        arrived: list[dict[str, Any]] = []
+        if row is not None and row.state in TERMINAL:
+            seen = set(json.loads(row.series_seen)) if row.series_seen else set()
+            try:
+                routed = self.routed()
+                arrived = [
+                    s
+                    for s in self.archive.list_series(study.uid)
+                    if str(first_value(s, SERIES_UID, "")) not in seen
+                    and series_exclusion(s, routed, self.config.series, seen) is None
+                ]
+            except (grpc.RpcError, ArchiveError) as exc:
+                logger.debug("study %s changed; looked at again next poll (%s)", row.study_hash, type(exc).__name__)
+                return
+        self.journal.changed(study.uid, study.instances, priority, now)
+        if arrived:
+            self.journal.reopen(study.uid, now)
+            audit("reopened", hash_uid(study.uid), new_series=len(arrived))
 
     # -- the workers ------------------------------------------------------------------------------------------
 
@@ -399,12 +409,6 @@ class Bridge:
             stable_to_stored_s=round(lag_s, 2) if lag_s is not None else None,
         )
         self._remove_outputs(row.study_uid)
-
-    def _routed_or_empty(self) -> dict[str, str]:
-        try:
-            return self.routed()
-        except grpc.RpcError:
-            return {}
 
     def routed(self) -> dict[str, str]:
         """Modality -> model name, as the server routes a read naming no model (ListModels, cached ``poll_s``)."""

@@ -21,12 +21,12 @@ def journal(tmp_path: Path) -> Journal:
 
 
 def queue(journal: Journal, uid: str, priority: int = ROUTINE, *, at: float) -> None:
-    journal.discover(uid, 10, priority, at)
+    journal.discover([(uid, 10, priority)], at)
     journal.promote_stable(at, 0.0)
 
 
 def test_a_study_is_queued_only_after_its_count_is_quiet_for_stable_s(journal):
-    journal.discover("1.1", 10, ROUTINE, 100.0)
+    journal.discover([("1.1", 10, ROUTINE)], 100.0)
     assert journal.promote_stable(105.0, 10.0) == []
     assert journal.changed("1.1", 12, ROUTINE, 108.0) == State.DISCOVERED  # still arriving: the clock restarts
     assert journal.promote_stable(115.0, 10.0) == []
@@ -80,7 +80,7 @@ def test_recovery_requeues_reads_and_resumes_stores(journal, tmp_path):
 
 def _write_and_die(path: str) -> None:
     j = Journal(Path(path))
-    j.discover("5.1", 10, ROUTINE, 1.0)
+    j.discover([("5.1", 10, ROUTINE)], 1.0)
     j.promote_stable(2.0, 0.0)
     j.claim(3.0)
     os.kill(os.getpid(), signal.SIGKILL)
