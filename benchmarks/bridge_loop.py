@@ -112,6 +112,17 @@ class Loop:
             time.sleep(0.2)
         raise TimeoutError(f"not every study {state} within {timeout_s} s")
 
+    def stages(self) -> dict[str, dict[str, float]]:
+        """Each stored study's seconds by stage (choose, retrieve, read, server, keep, store), from the audit lines,
+        by study hash."""
+        found = {}
+        for line in (self.workdir / "bridge.log").read_text().splitlines():
+            if "event=stored " not in line:
+                continue
+            fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+            found[fields["study"]] = {k[:-2]: float(v) for k, v in fields.items() if k.endswith("_s") and k != "work_s"}
+        return found
+
     def close(self) -> None:
         if self.bridge is not None:
             self.bridge.terminate()
@@ -134,7 +145,12 @@ def throughput(workdir: Path, server: ServerProcess, studies: Studies, n: int, c
         finished = max(done[uid]["stored_at"] for uid in uids)
         lags = sorted(done[uid]["stored_at"] - done[uid]["stable_at"] for uid in uids)
         elapsed = finished - started
+        stages = loop.stages().values()
         return {
+            "median_s_by_stage": {
+                stage: round(float(np.median([st[stage] for st in stages if stage in st])), 2)
+                for stage in ("stable_to_stored", "choose", "retrieve", "read", "server", "keep", "store")
+            },
             "studies": n,
             "concurrency": concurrency,
             "elapsed_s": round(elapsed, 1),
@@ -172,6 +188,7 @@ def stat_lag(
         ahead = [u for u in routine if done[u]["stable_at"] < stat["stable_at"] < done[u]["stored_at"]]
         routine_lags = sorted(done[u]["stored_at"] - done[u]["stable_at"] for u in routine)
         return {
+            "stat_s_by_stage": loop.stages()[stat["study_hash"]],
             "behind": behind,
             "ahead_when_stable": len(ahead),
             "rule": rules is not None,

@@ -7,6 +7,9 @@ Metrics (one CollectorRegistry per bridge; served on ``metrics_port``, 9465 by d
 * ``radserve_bridge_retries_total{status}`` (retriable failures, each followed by a back-off);
 * ``radserve_bridge_outputs_stored_total{kind,how}`` (``how``: ``stow`` or ``already_present``);
 * ``radserve_bridge_stable_to_stored_seconds{priority}``: from the study found stable to its results stored;
+* ``radserve_bridge_stage_seconds{stage}``: where a study's time goes: ``choose`` (series listing, metadata, choice),
+  ``retrieve`` (WADO-RS), ``read`` (ReadStreamed; ``server`` is the server's own total within it), ``keep`` (outputs
+  written to the state directory), ``store`` (QIDO-RS looks and STOW-RS);
 * ``radserve_bridge_studies{state}``: studies in the journal by state, read at scrape time.
 
 Audit: one line per finished study (and per retry) on the ``radserve.bridge.audit`` logger: the event, the study's
@@ -29,6 +32,7 @@ from prometheus_client.registry import Collector
 
 audit_logger = logging.getLogger("radserve.bridge.audit")
 LAG_BUCKETS_S = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, 7200)
+STAGE_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class _JournalCollector(Collector):
@@ -69,6 +73,13 @@ class BridgeMetrics:
             "From a study found stable to its results stored",
             ["priority"],
             buckets=LAG_BUCKETS_S,
+            registry=r,
+        )
+        self.stages = Histogram(
+            "radserve_bridge_stage_seconds",
+            "Seconds per study by stage: choose, retrieve, read (server: the server's own part of it), keep, store",
+            ["stage"],
+            buckets=STAGE_BUCKETS_S,
             registry=r,
         )
         if state_counts is not None:

@@ -104,6 +104,9 @@ class ReadResult:
     outputs: list[OutputRow]
     findings: int
     models: list[str]
+    # seconds by stage: choose (series listing, metadata, choice), retrieve (WADO-RS), read (the ReadStreamed call),
+    # server (the server's own total, within read), keep (outputs written to the state directory)
+    stages_s: dict[str, float]
 
 
 def _priority_name(priority: int) -> str:
@@ -382,16 +385,22 @@ class Bridge:
         """Work on one claimed study until it is stored, skipped, failed or scheduled for a retry."""
         study_hash = row.study_hash
         started = time.monotonic()
+        stages: dict[str, float] = {}
         try:
             if row.state != State.STORING:
                 result = self._read(row)
                 if result is None:
                     return
                 self.metrics.read.inc()
+                stages = result.stages_s
+            begun = time.monotonic()
             stored, present = self._store(row.study_uid)
+            stages["store"] = time.monotonic() - begun
         except Exception as exc:  # every failure of a study is recorded; the bridge goes on
             self._failed(row, classify(exc))
             return
+        for stage, seconds in stages.items():
+            self.metrics.stages.labels(stage).observe(seconds)
         now = self.clock()
         self.journal.finish(row.study_uid, State.STORED, now)
         self.metrics.stored.inc()
@@ -407,6 +416,7 @@ class Bridge:
             already_present=present,
             work_s=round(time.monotonic() - started, 2),
             stable_to_stored_s=round(lag_s, 2) if lag_s is not None else None,
+            **{f"{stage}_s": round(seconds, 2) for stage, seconds in stages.items()},
         )
         self._remove_outputs(row.study_uid)
 
@@ -420,6 +430,7 @@ class Bridge:
             return dict(self._routing[1])
 
     def _read(self, row: StudyRow) -> ReadResult | None:
+        started = time.monotonic()
         routed = self.routed()
         archive = self.archive
         series = archive.list_series(row.study_uid)
@@ -441,17 +452,24 @@ class Bridge:
             self.metrics.skipped.inc()
             audit("skipped", row.study_hash, series=len(series))
             return None
+        stages = {"choose": time.monotonic() - started, "retrieve": 0.0, "read": 0.0, "server": 0.0, "keep": 0.0}
         outputs: list[OutputRow] = []
         findings = 0
         for choice in selection.choices:
-            answer = self._read_one(row, choice, archive)
+            answer = self._read_one(row, choice, archive, stages)
             findings += len(answer.findings)
+            begun = time.monotonic()
             outputs += self._keep_outputs(row, answer)
+            stages["keep"] += time.monotonic() - begun
         self.journal.record_outputs(row.study_uid, outputs, selection.describe(), series_seen, self.clock())
-        return ReadResult(outputs, findings, [c.model for c in selection.choices])
+        return ReadResult(outputs, findings, [c.model for c in selection.choices], stages)
 
-    def _read_one(self, row: StudyRow, choice: SeriesChoice, archive: Archive) -> pb.ReadResponse:
+    def _read_one(
+        self, row: StudyRow, choice: SeriesChoice, archive: Archive, stages: dict[str, float]
+    ) -> pb.ReadResponse:
+        begun = time.monotonic()
         files = archive.retrieve(row.study_uid, choice.series_uid, choice.sop_uids)
+        stages["retrieve"] += time.monotonic() - begun
         request_id = f"bridge-{row.study_hash}-{row.attempts + 1}-{random.getrandbits(24):06x}"
         logger.info(
             "study %s: reading %d images with %s (%s, request %s)",
@@ -461,7 +479,8 @@ class Bridge:
             row.priority_name,
             request_id,
         )
-        return self.client.read_streamed(
+        begun = time.monotonic()
+        answer = self.client.read_streamed(
             files,
             model=choice.model,
             priority=row.priority,
@@ -470,6 +489,9 @@ class Bridge:
             outputs=[pb.FINDINGS, pb.DICOM_SR, pb.DICOM_SEG],
             timeout_s=self.config.read_timeout_s,
         )
+        stages["read"] += time.monotonic() - begun
+        stages["server"] += answer.timing_ms.get("total", 0.0) / 1000.0
+        return answer
 
     def _keep_outputs(self, row: StudyRow, answer: pb.ReadResponse) -> list[OutputRow]:
         """Write each DICOM output of an answer into the state directory (fsynced) and describe it."""
