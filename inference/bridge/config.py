@@ -96,8 +96,9 @@ class SeriesRules:
     exclude_image_types: tuple[str, ...] = EXCLUDED_IMAGE_TYPES
     # A regular expression searched (case-insensitively) in SeriesDescription: scouts that lack the LOCALIZER type.
     exclude_descriptions: str = r"\b(scout|topogram|localizer|surview|dose (report|info))\b"
-    # A CT or MR series with fewer images of one geometry than this is not a volume (localizers, single shots).
-    min_slices: int = 8
+    # A CT or MR series with fewer images of one geometry than this is not a volume (single shots; localizers are
+    # also left out by their ImageType and description). Low, so that a short but real series is still read.
+    min_slices: int = 3
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude_modalities", tuple(m.upper() for m in self.exclude_modalities))

@@ -174,6 +174,16 @@ def test_every_study_is_read_and_stored_exactly_once_through_a_kill_9(server, or
     (failed_line,) = [line for line in status.stdout.splitlines() if hash_uid(studies["bad"]) in line]
     assert "failed" in failed_line and "INVALID_ARGUMENT: 1 slice missing in series 1" in failed_line
 
+    # `bridge retry` requeues the failed study by its hash (here with the bridge stopped: it is read at the next start).
+    retry = subprocess.run(
+        [sys.executable, "-m", "inference.cli", "bridge", "retry", "--state", str(bridge.state_dir),
+         hash_uid(studies["bad"])[:8]],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert retry.returncode == 0, retry.stderr
+    assert retry.stdout.strip() == f"{hash_uid(studies['bad'])}: failed -> queued"
+    assert bridge.rows()[studies["bad"]]["state"] == "queued" and bridge.rows()[studies["bad"]]["attempts"] == 0
+
     assert 'radserve_bridge_studies{state="stored"} 3.0' in metrics
     assert 'radserve_bridge_studies{state="failed"} 1.0' in metrics
 
