@@ -29,6 +29,7 @@ STUDY_UID = "0020000D"
 SERIES_UID = "0020000E"
 SOP_UID = "00080018"
 STUDY_INSTANCES = "00201208"  # NumberOfStudyRelatedInstances
+PATIENT_ID = "00100020"
 RETRIABLE_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
@@ -205,7 +206,11 @@ class DicomWebArchive(Archive):
         if self.lookback_days:
             first = self._today() - dt.timedelta(days=self.lookback_days)
             filters["StudyDate"] = f"{first:%Y%m%d}-"
-        found: dict[str, StudyListing] = {}
+        # By (StudyInstanceUID, PatientID): overlapping pages list an entry twice, and an archive that keys studies by
+        # patient too (Orthanc) lists a UID stored under two patient IDs twice; the bridge knows a study by its UID,
+        # so the instance counts of its distinct entries add up.
+        counts: dict[tuple[str, str], int] = {}
+        attributes: dict[str, dict[str, Any]] = {}
         offset = 0
         fields = sorted({"NumberOfStudyRelatedInstances", *fields})
         while True:
@@ -216,14 +221,20 @@ class DicomWebArchive(Archive):
                 ),
             )
             for item in page:
-                uid = first_value(item, STUDY_UID)
+                uid = str(first_value(item, STUDY_UID, "") or "")
                 if not uid:
                     continue
-                count = first_value(item, STUDY_INSTANCES, 0)
-                found[uid] = StudyListing(uid=str(uid), instances=int(count or 0), attributes=item)
+                counts[(uid, str(first_value(item, PATIENT_ID, "") or ""))] = int(
+                    first_value(item, STUDY_INSTANCES, 0) or 0
+                )
+                attributes.setdefault(uid, item)
             if len(page) < self.page_size:
-                return list(found.values())
+                break
             offset += self.page_size - self.page_overlap
+        totals: dict[str, int] = {}
+        for (uid, _), count in counts.items():
+            totals[uid] = totals.get(uid, 0) + count
+        return [StudyListing(uid=uid, instances=total, attributes=attributes[uid]) for uid, total in totals.items()]
 
     def list_series(self, study_uid: str) -> list[dict[str, Any]]:
         return self._call(

@@ -386,7 +386,9 @@ def test_a_late_image_series_reopens_a_study_and_reports_do_not(server, orthanc,
         bridge.poll_once()  # the SR and SEG stored into the study change its count: no new read
         assert bridge.journal.get(uid).state == "stored"
 
-        report = pydicom.dcmread(get_testdata_file("reportsi.dcm"))
+        report = pydicom.dcmread(get_testdata_file("reportsi.dcm"))  # another system's report on this patient
+        source = pydicom.dcmread(files[0], stop_before_pixels=True)
+        report.PatientID, report.PatientName = source.PatientID, source.PatientName
         report.StudyInstanceUID = uid
         report.SeriesInstanceUID = pydicom.uid.generate_uid()
         report.SOPInstanceUID = pydicom.uid.generate_uid()

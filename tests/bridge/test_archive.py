@@ -1,5 +1,5 @@
-"""The archive's own auth: HTTP basic auth against a real Orthanc with users, and a bearer token read from a file
-that another process refreshes."""
+"""The DICOMweb archive client: the study listing against a real Orthanc, the archive's own auth (HTTP basic auth
+against an Orthanc with users, a bearer token read from a file that another process refreshes)."""
 
 from __future__ import annotations
 
@@ -46,3 +46,24 @@ def test_one_archive_auth_at_most():
     with pytest.raises(ValueError, match="USER:PASSWORD"):
         BridgeConfig(**base, dicomweb_basic_auth="no-colon")
     assert "u:p" not in repr(BridgeConfig(**base, dicomweb_basic_auth="u:p"))
+
+
+@pytest.mark.skipif(not orthanc_available(), reason="Orthanc with its DICOMweb plugin is not installed")
+def test_a_study_uid_under_two_patients_and_overlapping_pages_count_each_instance_once(tmp_path):
+    """Orthanc keys a study by patient and UID, so one StudyInstanceUID stored under two PatientIDs is listed twice;
+    the bridge knows studies by UID and must see every instance. Pages of 2 overlapping by 1 list entries twice."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    first = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    other_patient = pydicom.dcmread(get_testdata_file("reportsi.dcm"))
+    other_patient.StudyInstanceUID = first.StudyInstanceUID
+    other_patient.PatientID = "SOMEONE-ELSE"
+    other_patient.save_as(tmp_path / "other.dcm")
+    third = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    third.save_as(tmp_path / "third.dcm")
+    with OrthancProcess(tmp_path / "orthanc") as orthanc:
+        orthanc.upload([get_testdata_file("CT_small.dcm"), tmp_path / "other.dcm", tmp_path / "third.dcm"])
+        listing = DicomWebArchive(orthanc.dicomweb_url, page_size=2, page_overlap=1).list_studies([])
+    counts = {study.uid: study.instances for study in listing}
+    assert counts == {str(first.StudyInstanceUID): 2, str(third.StudyInstanceUID): 1}
