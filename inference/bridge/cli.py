@@ -166,8 +166,17 @@ def retry(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from inference.bridge.config import load_bridge_config
-    from inference.bridge.metrics import configure_logging
+    try:
+        from inference.bridge.config import load_bridge_config
+        from inference.bridge.metrics import configure_logging
+        from inference.bridge.service import Bridge
+    except ModuleNotFoundError as exc:  # `pip install radserve` without the client extra
+        print(
+            f"error: `radserve bridge` needs the client's dependencies (missing: {exc.name}); "
+            "install them with: pip install 'radserve[client]'",
+            file=sys.stderr,
+        )
+        return 2
 
     cli = {key: getattr(args, key) for key in CONFIG_KEYS}
     cli["token"] = cli["token"] if cli["token"] is not None else os.environ.get("RADSERVE_TOKEN") or None
@@ -178,8 +187,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_bridge_config(cli, config_file=args.config)
         configure_logging(args.log_level, args.log_format)
-        from inference.bridge.service import Bridge
-
         bridge = Bridge(config)
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
