@@ -18,9 +18,9 @@ are in the same patient coordinates as the service's (it is slow, not wrong).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,9 +71,24 @@ def in_worker_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
     On a busy 2-core machine, torch's intra-op threads started from the main thread spin against other processes:
     the same batch of 8 X-ray images took 1.46 s from the main thread and 0.78 s from a worker thread (load 5.7).
     Both baselines run this way, so that they are not slowed by where they run.
+
+    The thread is a daemon and the wait for it can be interrupted: a run ended by SIGTERM (benchmarks/run.py) writes
+    its results and exits without waiting for a baseline that may take minutes more.
     """
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="baseline") as pool:
-        return pool.submit(fn, *args, **kwargs).result()
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=work, name="baseline", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def load_task(model_dir: Any, device: torch.device) -> tuple[Task, torch.nn.Module]:
@@ -161,7 +176,7 @@ def _direct_pass(
         results = forward_items(task, network, [item for _, _, p in group for item in p.items], batch_size)
         first = 0
         for member, volume, prepared in group:
-            found = task.finalize(volume, prepared, results[first : first + len(prepared.items)])
+            found = task.finalize(volume, prepared, results[first : first + len(prepared.items)]).findings
             first += len(prepared.items)
             findings[member.name] = [list(f.center_mm) for f in found]
         elapsed_ms = (time.perf_counter() - start) * 1e3

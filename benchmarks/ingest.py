@@ -171,15 +171,23 @@ def memory_run(
     concurrency: int = 4,
     count: int = 4,
     model: str = "lung_nodule_ct",
+    metrics_url: str | None = None,
 ) -> dict[str, Any]:
-    """Peak server RSS per in-flight study, streaming the ingest study (int16 RAW) at ``concurrency``."""
-    from benchmarks.loadgen import run_load
+    """Peak server RSS per in-flight study, streaming the ingest study (int16 RAW) at ``concurrency``.
+
+    On CUDA the server's resident memory also holds the pinned staging buffers of GPU preprocessing, which the
+    allocator rounds up to a power of two and keeps between reads (``radserve_pinned_host_memory_bytes``, read from
+    ``metrics_url``): the figure is given with them and, as ``..._excluding_pinned``, without what they grew by
+    during the run. On the CPU there are none and both figures are the same.
+    """
+    from benchmarks.loadgen import PINNED_METRIC, run_load, scrape_gauge
 
     data = _study(shape).tobytes()
     raw = pb.RawArray(dtype="int16", shape=shape, spacing_mm=list(spacing_mm))
     header = pb.ReadHeader(model=model, payload=pb.RAW, modality="CT", raw=raw)
     requests = _stream_requests(header, data, 4 * MIB)
     study = _MemoryStudy("x".join(map(str, shape)), _MemorySpec(shape), requests, len(data))
+    pinned_before = scrape_gauge(metrics_url, PINNED_METRIC)
     result = run_load(
         target,
         [study],
@@ -190,8 +198,19 @@ def memory_run(
         label=f"memory-{study.name}",
         keep_findings=False,
     )
+    pinned_after = scrape_gauge(metrics_url, PINNED_METRIC)
     summary = result.summary()
     memory = summary["server_memory"] or {}
+    pinned = {}
+    if memory.get("peak_per_in_flight_study_mb") is not None and memory.get("max_in_flight"):
+        grown_mb = max(0.0, ((pinned_after or 0.0) - (pinned_before or 0.0)) / MIB)
+        per_study = max(0.0, memory["rss_peak_mb"] - memory["rss_idle_mb"] - grown_mb) / memory["max_in_flight"]
+        pinned = {
+            "pinned_mb_before": None if pinned_before is None else round(pinned_before / MIB, 1),
+            "pinned_mb_after": None if pinned_after is None else round(pinned_after / MIB, 1),
+            "peak_per_in_flight_study_excluding_pinned_mb": round(per_study, 1),
+            "peak_per_in_flight_excluding_pinned_over_raw": round(per_study / memory["raw_voxel_mb"], 2),
+        }
     return {
         "concurrency": concurrency,
         "reads_ok": summary["reads_ok"],
@@ -202,6 +221,7 @@ def memory_run(
         "peak_per_in_flight_study_mb": memory.get("peak_per_in_flight_study_mb"),
         "raw_voxel_mb": memory.get("raw_voxel_mb"),
         "peak_per_in_flight_over_raw": memory.get("peak_per_in_flight_over_raw"),
+        **pinned,
         "stages_ms": summary["stages_ms"],
     }
 

@@ -41,6 +41,7 @@ from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.client import MAX_MESSAGE_BYTES
 
 MIB = 1024 * 1024
+PINNED_METRIC = "radserve_pinned_host_memory_bytes"
 STAGES = ("receive", "decode", "preprocess", "infer", "postprocess", "encode", "total")
 
 # Client channel options. Measured on loopback (benchmarks/ingest.py): grpc's BDP probing already grows the
@@ -206,6 +207,27 @@ class GpuMonitor:
         }
 
 
+def scrape_gauge(metrics_url: str | None, name: str, timeout_s: float = 5.0) -> float | None:
+    """The value of the unlabelled gauge ``name`` on a server's Prometheus endpoint; None when absent or unreachable
+    (e.g. ``radserve_pinned_host_memory_bytes`` on the CPU)."""
+    if not metrics_url:
+        return None
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=timeout_s) as response:  # the server's own loopback URL
+            text = response.read().decode()
+    except OSError:
+        return None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and not sample.labels:
+                return float(sample.value)
+    return None
+
+
 # -- the load ---------------------------------------------------------------------------------------------------
 
 
@@ -323,7 +345,8 @@ class _Progress:
         ok = [r for r in records if r.ok]
         elapsed = now - self.start
         p50 = np.percentile([r.latency_ms for r in ok], 50) / 1e3 if ok else 0.0
-        goal = f"/{self.total}" if self.total else f" in {elapsed:.0f}/{self.duration_s:.0f} s"
+        goal = f"/{self.total}" if self.total else ""
+        goal += f" in {elapsed:.0f}/{self.duration_s:.0f} s" if self.duration_s else ""
         print(
             f"[loadgen] {self.label}: {len(records)}{goal} reads, {len(ok) / max(elapsed, 1e-9):.2f} reads/s, "
             f"p50 {p50:.2f} s, errors {len(records) - len(ok)}",
@@ -346,14 +369,15 @@ def run_load(
     progress: bool = True,
     keep_findings: bool = True,
 ) -> LoadResult:
-    """Drive ``target`` with ``studies`` (:class:`benchmarks.workloads.Study`, cycled) at ``concurrency``.
+    """Drive ``target`` with ``studies`` (:class:`benchmarks.workloads.Study`, cycled) at ``concurrency``, until
+    ``count`` reads are done or ``duration_s`` has passed, whichever comes first (give one or both).
 
     ``warmup_reads`` (default: one per worker) run first, unmeasured, so that batch sizes, allocators and
     connections are warm."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    if (count is None) == (duration_s is None):
-        raise ValueError("give exactly one of count or duration_s")
+    if count is None and duration_s is None:
+        raise ValueError("give count, duration_s or both")
     channels = [grpc.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(concurrency)]
     stubs = [
         c.stream_unary(READ_METHOD, request_serializer=None, response_deserializer=pb.ReadResponse.FromString)

@@ -1,15 +1,22 @@
-"""The benchmark runs: ``make bench`` (``--profile quick``, CPU), the GPU benchmark (``--profile gpu``) and a
-smoke profile (``--profile tiny``, seconds; tests/benchmarks/test_bench_smoke.py).
+"""The benchmark runs: ``make bench`` (``--profile quick``, CPU), the GPU benchmark (``--profile gpu``,
+benchmarks/gpu_run.sh) and a smoke profile (``--profile tiny``, seconds; tests/benchmarks/test_bench_smoke.py and
+``gpu_run.sh --dry-run``).
 
-One run: materialize the profile's studies (benchmarks/workloads.py; cached under ``--out``/cache), start the real
-server on a free port, drive it with the load generator at each workload's concurrencies, measure ingest
-(streamed, shared memory, file) and memory per in-flight study on a 512x512x300 int16 CT, stop the server, then run
-the ``direct`` and ``naive`` baselines in this process on the same studies and device. Prints a table with the
-lines ``service/direct: <ratio>`` and ``batching x8/x1 (chest_xray): <ratio>``; writes ``<out>/<profile>.json``
+One run: materialize the profile's studies (benchmarks/workloads.py; cached under ``--cache``), start the real
+server on a free port, then per workload run the ``direct`` baseline, the load generator at each concurrency and
+the ``naive`` baseline, in this process on the same studies and device; then measure ingest (streamed, shared
+memory, file) and memory per in-flight study on a 512x512x300 int16 CT, and stop the server. Prints a table with
+the lines ``service/direct: <ratio>`` and ``batching x8/x1 (chest_xray): <ratio>``; writes ``<out>/<profile>.json``
 and ``<out>/<profile>.md``. A model whose weights are missing is skipped with a note, not failed.
 
-    python -m benchmarks.run --profile quick                  # what `make bench` runs
-    python -m benchmarks.run --profile gpu --out "$OUT"       # benchmarks/gpu_run.sh
+Built to leave figures behind whatever happens (the GPU run has one short session): the JSON and Markdown are
+rewritten after every row and once more in a ``finally``, also when SIGTERM (``timeout``) ends the run; a part that
+raises (a baseline, a row, materializing a study) is recorded as an error in its workload and the run goes on with
+the next; failed reads are counted in their row; ``--budget-s`` bounds the whole run: rows stop early and parts
+that would start after it are skipped with a note. The exit status is 1 when any read or part failed.
+
+    python -m benchmarks.run --profile quick                                  # what `make bench` runs
+    python -m benchmarks.run --profile gpu --device cuda --out "$OUT" --budget-s 200   # benchmarks/gpu_run.sh
 """
 
 from __future__ import annotations
@@ -19,10 +26,12 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +43,7 @@ from benchmarks.baselines import (
     run_naive_baseline,
 )
 from benchmarks.loadgen import format_row, run_load
-from benchmarks.workloads import PROFILES, Workload, materialize
+from benchmarks.workloads import PROFILES, VOLUMES, Workload, materialize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,9 +58,15 @@ TARGETS = {
 INGEST = {  # per profile: (study shape, repeats, streamed chunk sizes in MiB); tiny: no warm-up read
     "tiny": ((64, 64, 32), 1, (4,)),
     "quick": ((512, 512, 300), 2, (1, 4)),
-    "gpu": ((512, 512, 300), 3, (1, 4)),
+    "gpu": ((512, 512, 300), 2, (1, 4)),
 }
 MEMORY_CONCURRENCY = {"tiny": (2,), "quick": (1, 4), "gpu": (1, 8)}
+SERVER_START_TIMEOUT_S = 900.0
+
+
+class RunInterruptedError(BaseException):
+    """SIGTERM (``timeout`` ending the run): unwind through the ``finally`` blocks, which write what was measured and
+    stop the server. A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on the way holds it."""
 
 
 def log(message: str) -> None:
@@ -59,6 +74,9 @@ def log(message: str) -> None:
 
 
 def commit() -> str:
+    """The commit measured: ``$RADSERVE_COMMIT`` where the tree came without git (the GPU machine), else git's."""
+    if os.environ.get("RADSERVE_COMMIT"):
+        return os.environ["RADSERVE_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         return out.stdout.strip() or "unknown"
@@ -112,25 +130,81 @@ def _cycle(items: list[Any], n: int) -> list[Any]:
     return [items[i % len(items)] for i in range(n)] if items else []
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from inference.platform import select_device
-    from inference.serverproc import ServerProcess
+def error_text(exc: BaseException) -> str:
+    """One line naming an exception, for the report (its first line, shortened)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    cache = out / "cache"
-    started = time.time()
-    device = select_device(args.device)
-    report: dict[str, Any] = {
+
+class Budget:
+    """The run's time limit (``--budget-s``): what is left, and whether a part may still start."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+
+    def left_s(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def allows(self, part: str, report: dict[str, Any], reserve_s: float = 0.0) -> bool:
+        left = self.left_s()
+        if left is None or left > reserve_s:
+            return True
+        note = f"{part}: skipped, the run's budget was spent"
+        report["notes"].append(note)
+        log(note)
+        return False
+
+    def cap(self, seconds: float | None) -> float | None:
+        """``seconds`` shortened to what is left (at least 1 s)."""
+        left = self.left_s()
+        if left is None:
+            return seconds
+        return max(1.0, left if seconds is None else min(seconds, left))
+
+
+def new_report(args: argparse.Namespace, device: Any) -> dict[str, Any]:
+    return {
         "profile": args.profile,
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "commit": commit(),
         "device": str(device),
         "machine": machine(),
         "load_avg_before": [round(v, 2) for v in os.getloadavg()],
+        "budget_s": args.budget_s,
         "workloads": {},
         "notes": [],
     }
+
+
+def write_report(report: dict[str, Any], out: Path, started: float) -> None:
+    """(Re)write ``<out>/<profile>.json`` and ``.md`` from what has been measured so far."""
+    report["load_avg_after"] = [round(v, 2) for v in os.getloadavg()]
+    report["wall_s"] = round(time.time() - started, 1)
+    report["summary"] = summarize(report)
+    text = table(report)
+    profile = report["profile"]
+    for name, body in ((f"{profile}.json", json.dumps(report, indent=2)), (f"{profile}.md", text + "\n")):
+        partial = out / (name + ".partial")
+        partial.write_text(body)
+        partial.replace(out / name)  # never a half-written file, even if the run is killed while writing
+
+
+def attempt(entry: dict[str, Any], part: str, fn: Callable[[], Any]) -> Any:
+    """Run one part of a workload; if it raises, record the error in ``entry["errors"]`` and return None."""
+    try:
+        return fn()
+    except Exception as exc:
+        entry.setdefault("errors", []).append({"part": part, "error": error_text(exc)})
+        log(f"{part} failed: {error_text(exc)}")
+        return None
+
+
+def run(args: argparse.Namespace, report: dict[str, Any], save: Callable[[], None]) -> None:
+    """Measure the profile into ``report``, calling ``save()`` after every row."""
+    from inference.serverproc import ServerProcess, free_port
+
+    budget = Budget(args.budget_s)
+    device = report["device"]
     models, missing = available_models(args.models)
     workloads: list[Workload] = []
     for workload in PROFILES[args.profile]:
@@ -144,93 +218,165 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         workloads.append(workload)
 
-    studies: dict[str, list[Any]] = {}
-    for workload in workloads:
-        log(f"materializing {workload.name} ({len(workload.specs)} studies {workload.size_label})")
-        studies[workload.name] = [materialize(spec, cache) for spec in workload.specs]
-
     env = {"RADSERVE_INGEST_SHARED_MEMORY": "1"}
     if args.io_threads:
         env["RADSERVE_IO_THREADS"] = str(args.io_threads)
     extra = ["--compile"] if args.compile else []
+    studies: dict[str, list[Any]] = {}
     with tempfile.TemporaryDirectory(prefix="radserve-bench-") as ingest_root:
         env["RADSERVE_INGEST_ROOTS"] = ingest_root
         log(f"starting the server on {device} ({args.models})")
         server = ServerProcess(
-            models=args.models, device=args.device, env=env, log_path=out / "server.log", extra_args=extra
-        ).start(timeout_s=900)
-        pid = server.process.pid  # type: ignore[union-attr]
+            models=args.models,
+            device=args.device,
+            env=env,
+            log_path=args.out / "server.log",
+            extra_args=extra,
+            metrics_port=free_port(),
+        )
         try:
+            server.spawn()  # loads and warms up the models while the studies are written
+            for workload in workloads:
+                if not budget.allows(f"{workload.name} (materializing)", report, reserve_s=30.0):
+                    break
+                log(f"materializing {workload.name} ({len(workload.specs)} studies {workload.size_label})")
+                chosen = attempt(
+                    report["workloads"].setdefault(workload.name, {}),
+                    "materialize",
+                    lambda w=workload: [materialize(spec, args.cache) for spec in w.specs],
+                )
+                if chosen:
+                    studies[workload.name] = chosen
+                    report["workloads"][workload.name].update(_describe(workload, chosen))
+            save()
+            server.wait_serving(timeout_s=SERVER_START_TIMEOUT_S)
+            pid = server.process.pid  # type: ignore[union-attr]
+            report["server"] = {"target": server.target, "pid": pid}
+            metrics_url = f"http://{server.host}:{server.metrics_port}/metrics"
             # Per workload, direct, then the service rows, then naive, close together in time: on a shared
             # machine the load changes from minute to minute (each row records the load average it ran under).
             for workload in workloads:
-                entry = report["workloads"][workload.name] = _describe(workload, studies[workload.name])
-                task, network = load_task(models[workload.model], device)
-                chosen = studies[workload.name]
-                if workload.baseline_studies:
-                    log(f"direct: {workload.name}, {workload.baseline_studies} studies")
-                    load = round(os.getloadavg()[0], 2)
-                    entry["direct"] = run_direct_baseline(
-                        task, network, _cycle(chosen, workload.baseline_studies)
-                    ).summary() | {"load_avg_1m_start": load}
-                    entry["direct"]["max_center_diff_vs_run_direct_mm"] = check_direct_matches_run_direct(
-                        task, network, chosen[0]
-                    )
-                entry["service"] = []
-                for concurrency in workload.concurrency:
-                    result = run_load(
-                        server.target,
-                        chosen,
-                        concurrency=concurrency,
-                        count=max(workload.reads, concurrency),
-                        warmup_reads=workload.warmup_reads,
-                        server_pid=pid,
-                        label=workload.name,
-                        keep_findings=False,
-                    )
-                    entry["service"].append(result.summary())
-                    log(format_row(entry["service"][-1]))
-                if workload.naive_studies and not args.no_naive:
-                    log(f"naive: {workload.name}, {workload.naive_studies} studies")
-                    load = round(os.getloadavg()[0], 2)
-                    entry["naive"] = run_naive_baseline(
-                        task, network, _cycle(chosen, workload.naive_studies)
-                    ).summary() | {"load_avg_1m_start": load}
-                del task, network
-            if "lung_nodule_ct" in models and not args.no_ingest:
-                shape, repeats, chunks = INGEST[args.profile]
-                log(f"ingest: {'x'.join(map(str, shape))} int16, streamed / shared memory / file")
-                report["ingest"] = ingest_bench.run_ingest(
-                    server.target,
-                    Path(ingest_root),
-                    shape=shape,
-                    repeats=repeats,
-                    chunk_mib=chunks,
-                    warmup=args.profile != "tiny",
-                )
-                levels = MEMORY_CONCURRENCY[args.profile]
-                log(f"memory: {'x'.join(map(str, shape))} int16 streamed at concurrency {levels}")
-                report["memory"] = [
-                    ingest_bench.memory_run(server.target, pid, shape=shape, concurrency=c, count=max(2, c))
-                    for c in levels
-                ]
+                if workload.name not in studies or not budget.allows(workload.name, report, reserve_s=10.0):
+                    continue
+                _run_workload(args, workload, studies[workload.name], models, report, server.target, pid, budget, save)
+            if "lung_nodule_ct" in models and not args.no_ingest and budget.allows("ingest", report, reserve_s=10.0):
+                _run_ingest(args, report, server.target, pid, Path(ingest_root), metrics_url, budget, save)
         finally:
-            code = server.stop()
+            save()  # first: stopping the server can take its grace period, and a SIGTERM'd run has seconds left
+            interrupted = isinstance(sys.exc_info()[1], RunInterruptedError)
+            code = server.stop(timeout_s=5.0 if interrupted else 60.0)
             if code:
-                report["notes"].append(f"server exited with code {code}; see {out / 'server.log'}")
+                report["notes"].append(f"server exited with code {code}; see server.log")
             for group in studies.values():
                 for study in group:
                     study.close()
 
-    if device.type == "cuda" and not args.no_compile_check:
-        from benchmarks.compile_check import compile_check
 
-        log("torch.compile check: eager vs compiled forward passes")
-        report["compile"] = compile_check(args.models, device)
-    report["load_avg_after"] = [round(v, 2) for v in os.getloadavg()]
-    report["wall_s"] = round(time.time() - started, 1)
-    report["summary"] = summarize(report)
-    return report
+def _run_workload(
+    args: argparse.Namespace,
+    workload: Workload,
+    chosen: list[Any],
+    models: dict[str, Path],
+    report: dict[str, Any],
+    target: str,
+    pid: int,
+    budget: Budget,
+    save: Callable[[], None],
+) -> None:
+    from inference.platform import select_device
+
+    entry = report["workloads"][workload.name]
+    loaded = attempt(entry, "load model", lambda: load_task(models[workload.model], select_device(args.device)))
+    task, network = loaded if loaded else (None, None)
+    if task is not None and workload.baseline_studies and budget.allows(f"{workload.name} direct", report):
+        log(f"direct: {workload.name}, {workload.baseline_studies} studies")
+        load = round(os.getloadavg()[0], 2)
+        direct = attempt(
+            entry, "direct", lambda: run_direct_baseline(task, network, _cycle(chosen, workload.baseline_studies))
+        )
+        if direct is not None:
+            entry["direct"] = direct.summary() | {"load_avg_1m_start": load}
+            entry["direct"]["max_center_diff_vs_run_direct_mm"] = attempt(
+                entry, "direct check", lambda: check_direct_matches_run_direct(task, network, chosen[0])
+            )
+        save()
+    entry["service"] = []
+    for concurrency in workload.concurrency:
+        if not budget.allows(f"{workload.name} service c={concurrency}", report):
+            break
+        result = attempt(
+            entry,
+            f"service c={concurrency}",
+            lambda c=concurrency: run_load(
+                target,
+                chosen,
+                concurrency=c,
+                count=max(workload.reads, c),
+                duration_s=budget.cap(workload.max_s),
+                warmup_reads=workload.warmup_reads,
+                server_pid=pid,
+                label=workload.name,
+                keep_findings=False,
+            ),
+        )
+        if result is not None:
+            entry["service"].append(result.summary())
+            log(format_row(entry["service"][-1]))
+        save()
+    run_naive = task is not None and workload.naive_studies and not args.no_naive
+    if run_naive and budget.allows(f"{workload.name} naive", report):
+        log(f"naive: {workload.name}, {workload.naive_studies} studies")
+        load = round(os.getloadavg()[0], 2)
+        naive = attempt(
+            entry, "naive", lambda: run_naive_baseline(task, network, _cycle(chosen, workload.naive_studies))
+        )
+        if naive is not None:
+            entry["naive"] = naive.summary() | {"load_avg_1m_start": load}
+        save()
+
+
+def _run_ingest(
+    args: argparse.Namespace,
+    report: dict[str, Any],
+    target: str,
+    pid: int,
+    ingest_root: Path,
+    metrics_url: str,
+    budget: Budget,
+    save: Callable[[], None],
+) -> None:
+    shape, repeats, chunks = INGEST[args.profile]
+    log(f"ingest: {'x'.join(map(str, shape))} int16, streamed / shared memory / file")
+    errors: dict[str, Any] = {}
+    ingest = attempt(
+        errors,
+        "ingest",
+        lambda: ingest_bench.run_ingest(
+            target, ingest_root, shape=shape, repeats=repeats, chunk_mib=chunks, warmup=args.profile != "tiny"
+        ),
+    )
+    if ingest is not None:
+        report["ingest"] = ingest
+    save()
+    report["memory"] = []
+    for concurrency in MEMORY_CONCURRENCY[args.profile]:
+        if not budget.allows(f"memory c={concurrency}", report):
+            break
+        log(f"memory: {'x'.join(map(str, shape))} int16 streamed at concurrency {concurrency}")
+        row = attempt(
+            errors,
+            f"memory c={concurrency}",
+            lambda c=concurrency: ingest_bench.memory_run(
+                target, pid, shape=shape, concurrency=c, count=max(2, c), metrics_url=metrics_url
+            ),
+        )
+        if row is not None:
+            report["memory"].append(row)
+        save()
+    if not report["memory"]:
+        del report["memory"]
+    if errors.get("errors"):
+        report.setdefault("errors", []).extend(errors["errors"])
 
 
 def _describe(workload: Workload, studies: list[Any]) -> dict[str, Any]:
@@ -238,7 +384,7 @@ def _describe(workload: Workload, studies: list[Any]) -> dict[str, Any]:
     return {
         "model": workload.model,
         "modality": workload.modality,
-        "input": f"{spec.modality} {spec.size_label} {'16-bit ' if spec.modality != 'CT' else ''}"
+        "input": f"{spec.modality} {spec.size_label} {'16-bit ' if spec.modality not in VOLUMES else ''}"
         f"{spec.payload.upper()}, spacing {'/'.join(map(str, spec.spacing_mm))} mm",
         "studies": len(studies),
         "payload_mb": round(sum(s.payload_bytes for s in studies) / len(studies) / 1e6, 2),
@@ -286,7 +432,7 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
                     "target": targets["service_over_naive"],
                     "pass": ratio >= targets["service_over_naive"],
                 }
-    dx = [name for name, e in report["workloads"].items() if e["model"] == "chest_xray"]
+    dx = [name for name, e in report["workloads"].items() if e.get("model") == "chest_xray"]
     if dx:
         name = dx[0]  # the smallest X-ray size comes first in every profile
         entry = report["workloads"][name]
@@ -300,11 +446,9 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
                 "target": target,
                 "pass": ratio >= target,
             }
-        if kind == "cuda":
-            best = max(
-                (_best_service(e) for e in report["workloads"].values() if e["model"] == "chest_xray"),
-                key=lambda r: r["images_per_s"],
-            )
+        rows = [_best_service(e) for e in report["workloads"].values() if e.get("model") == "chest_xray"]
+        best = max((r for r in rows if r), key=lambda r: r["images_per_s"] or 0.0, default=None)
+        if kind == "cuda" and best is not None:
             name = next(n for n, e in report["workloads"].items() if best in e.get("service", []))
             summary["xray_images_per_s"] = {
                 "workload": name,
@@ -315,13 +459,16 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
             }
     else:
         summary["batching_x8_over_x1"] = {"skipped": "; ".join(n for n in report["notes"] if "chest_xray" in n)}
-    if "memory" in report:
-        worst = max(report["memory"], key=lambda m: m["peak_per_in_flight_over_raw"])
+    if report.get("memory"):
+        worst = max(report["memory"], key=lambda m: m["peak_per_in_flight_over_raw"] or 0.0)
         summary["memory_over_raw"] = {
             "per_concurrency": {m["concurrency"]: m["peak_per_in_flight_over_raw"] for m in report["memory"]},
+            "per_concurrency_excluding_pinned": {
+                m["concurrency"]: m.get("peak_per_in_flight_excluding_pinned_over_raw") for m in report["memory"]
+            },
             "worst": worst["peak_per_in_flight_over_raw"],
             "target": TARGETS["memory_over_raw"],
-            "pass": worst["peak_per_in_flight_over_raw"] <= TARGETS["memory_over_raw"],
+            "pass": (worst["peak_per_in_flight_over_raw"] or 0.0) <= TARGETS["memory_over_raw"],
         }
     if "ingest" in report:
         paths = report["ingest"]["paths"]
@@ -371,7 +518,7 @@ def table(report: dict[str, Any]) -> str:
             load = cpu.get("load_avg_1m_start", row.get("load_avg_1m_start", ""))
             per_study = cpu.get("cpu_s_per_study")
             lines.append(
-                f"| {name} | {entry['input']} | {path}{errors} | {row.get('concurrency', 1)} "
+                f"| {name} | {entry.get('input', '?')} | {path}{errors} | {row.get('concurrency', 1)} "
                 f"| {row['studies_per_s']:.3f} | {row['images_per_s']:.1f} | {lat['p50']:.0f} | {tail} "
                 f"| {'' if per_study is None else f'{per_study:.2f}'} | {load} |"
             )
@@ -420,14 +567,26 @@ def table(report: dict[str, Any]) -> str:
             f"chest_xray images/s over gRPC: {item['images_per_s']:.0f} ({item['workload']}, concurrency "
             f"{item['concurrency']}; target >= {item['target']:.0f}: {_verdict(item)})"
         )
-    if "memory" in report:
+    if "memory_over_raw" in s:
         item = s["memory_over_raw"]
-        per = ", ".join(f"concurrency {c}: {v:.2f}x" for c, v in item["per_concurrency"].items())
-        size = "x".join(map(str, report["ingest"]["study"]["shape"]))
+        per = ", ".join(f"concurrency {c}: {v or 0.0:.2f}x" for c, v in item["per_concurrency"].items())
+        size = "x".join(map(str, INGEST[report["profile"]][0]))
         lines.append(
             f"memory per in-flight study: {per} its raw voxel bytes ({size} int16 streamed; "
             f"target <= {item['target']}x: {_verdict(item)})"
         )
+        pinned = [m for m in report["memory"] if m.get("pinned_mb_after") is not None]
+        if pinned:
+            lines.append(
+                "  the server's resident memory includes the pinned staging buffers of GPU preprocessing (rounded up "
+                "to a power of two, kept between reads): "
+                + ", ".join(f"{m['pinned_mb_after']:.0f} MiB after concurrency {m['concurrency']}" for m in pinned)
+                + "; without what they grew by during each run: "
+                + ", ".join(
+                    f"concurrency {m['concurrency']}: {m['peak_per_in_flight_excluding_pinned_over_raw']:.2f}x"
+                    for m in pinned
+                )
+            )
     if "ingest" in report:
         study = report["ingest"]["study"]
         size = "x".join(map(str, study["shape"]))
@@ -446,6 +605,9 @@ def table(report: dict[str, Any]) -> str:
                 f"{item['compiled_batches_per_s']:.1f} vs {item['eager_batches_per_s']:.1f} batches/s eager "
                 f"(x{item['speedup']:.2f}), compiled in {item['compile_s']:.0f} s"
             )
+    for name, entry in report["workloads"].items():
+        lines += [f"error: {name} {item['part']} failed: {item['error']}" for item in entry.get("errors", [])]
+    lines += [f"error: {item['part']} failed: {item['error']}" for item in report.get("errors", [])]
     lines += [f"note: {n}" for n in report["notes"]]
     lines.append(f"wall time {report['wall_s']:.0f} s")
     return "\n".join(lines)
@@ -457,21 +619,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, default=ROOT / "models")
     parser.add_argument("--device", default="cpu", help="auto|cpu|cuda, for the server and the baselines")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench", help="results folder (gitignored)")
+    parser.add_argument(
+        "--cache", type=Path, default=ROOT / "runs" / "bench-cache", help="the studies, written once (not results)"
+    )
+    parser.add_argument("--budget-s", type=float, default=None, help="stop starting parts after this long")
     parser.add_argument("--io-threads", type=int, default=0, help="server io_threads (default: its own)")
     parser.add_argument("--compile", action="store_true", help="serve with torch.compile (CUDA)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these workloads")
     parser.add_argument("--no-naive", action="store_true")
     parser.add_argument("--no-ingest", action="store_true")
-    parser.add_argument("--no-compile-check", action="store_true", help="skip the torch.compile check (CUDA)")
     args = parser.parse_args(argv)
-    report = run(args)
-    text = table(report)
-    print(text)
-    (args.out / f"{args.profile}.json").write_text(json.dumps(report, indent=2))
-    (args.out / f"{args.profile}.md").write_text(text + "\n")
+    from inference.platform import select_device
+
+    started = time.time()
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = new_report(args, select_device(args.device))
+
+    def save() -> None:
+        write_report(report, args.out, started)
+
+    def stop(signum: int, frame: Any) -> None:
+        # Write what was measured first: the step's SIGKILL follows within seconds, and on a loaded machine the
+        # unwinding (stopping the server, a baseline's thread) may not get that far.
+        error = RunInterruptedError(f"signal {signal.Signals(signum).name}")
+        report["stopped"] = error_text(error)
+        report["notes"].append(f"run stopped early: {error_text(error)}")
+        save()
+        raise error
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        run(args, report, save)
+    except (Exception, KeyboardInterrupt, RunInterruptedError) as exc:  # what was measured is still written
+        if "stopped" not in report:  # (the SIGTERM handler has said so already)
+            report["stopped"] = error_text(exc)
+            report["notes"].append(f"run stopped early: {error_text(exc)}")
+        log(f"run stopped early: {error_text(exc)}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        save()
+    print(table(report))
     log(f"wrote {args.out / (args.profile + '.json')} and {args.out / (args.profile + '.md')}")
-    errors = sum(sum(r["errors"].values()) for e in report["workloads"].values() for r in e.get("service", []))
-    return 1 if errors else 0
+    if "stopped" in report:  # the server is stopped and the results written: end now, whatever thread still runs
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    failed_reads = sum(sum(r["errors"].values()) for e in report["workloads"].values() for r in e.get("service", []))
+    failed_parts = sum(len(e.get("errors", [])) for e in report["workloads"].values()) + len(report.get("errors", []))
+    return 1 if failed_reads or failed_parts or "stopped" in report else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Benchmark studies: synthetic phantoms of stated sizes, written once as the archive would send them.
 
 A :class:`StudySpec` names a modality, a size and a seed. :func:`materialize` renders it with
-:mod:`inference.phantoms`, writes it as DICOM (a CT series, or one DX image with 16-bit pixels) and, for the
+:mod:`inference.phantoms`, writes it as DICOM (a CT or MR series, or one DX image with 16-bit pixels) and, for the
 naive baseline, as NIfTI, into a cache folder, then decodes the DICOM once with radserve's own reader, so
 that the service (which decodes the same files), ``direct`` and ``naive`` all see the same voxels.
 
@@ -27,17 +27,18 @@ from inference.io.dicom import read_dicom_series
 from inference.io.limits import InputLimits
 from inference.io.volume import Volume
 
-MODEL_BY_MODALITY = {"CT": "lung_nodule_ct", "DX": "chest_xray", "CR": "chest_xray"}
-_RAW_DTYPE = {"CT": np.int16, "DX": np.uint16, "CR": np.uint16}
+MODEL_BY_MODALITY = {"CT": "lung_nodule_ct", "MR": "brain_lesion_mr", "DX": "chest_xray", "CR": "chest_xray"}
+_RAW_DTYPE = {"CT": np.int16, "MR": np.int16, "DX": np.uint16, "CR": np.uint16}
+VOLUMES = ("CT", "MR")  # modalities read as a series of slices (the others: one projection image)
 
 
 @dataclass(frozen=True)
 class StudySpec:
     """One synthetic study. ``shape`` is (columns, rows, slices) for CT and (columns, rows) for X-ray."""
 
-    modality: str  # CT | DX
+    modality: str  # CT | MR | DX
     shape: tuple[int, ...]
-    spacing_mm: tuple[float, ...]  # CT: (pixel, slice); DX: (pixel,)
+    spacing_mm: tuple[float, ...]  # CT, MR: (pixel, slice); DX: (pixel,)
     seed: int = 0
     # dicom: the DICOM files, streamed (the archive's path); raw: a RAW array with its affine (int16 for CT, uint16
     # for X-ray), streamed; shm: that array in a POSIX shared-memory segment named in the header (zero-copy ingest).
@@ -57,12 +58,12 @@ class StudySpec:
 
     @property
     def n_images(self) -> int:
-        """Images per study: 1 for projection X-ray, the slice count for CT."""
-        return 1 if self.modality != "CT" else int(self.shape[2])
+        """Images per study: 1 for projection X-ray, the slice count for CT and MR."""
+        return int(self.shape[2]) if self.modality in VOLUMES else 1
 
     @property
     def raw_voxel_bytes(self) -> int:
-        """The study's voxels as 16-bit integers (how CT and DX store them): the memory target's unit."""
+        """The study's voxels as 16-bit integers (how CT, MR and DX store them): the memory target's unit."""
         return 2 * math.prod(self.shape)
 
     def key(self) -> str:
@@ -127,6 +128,19 @@ def _ct_phantom(spec: StudySpec):
     )
 
 
+def _mr_phantom(spec: StudySpec):
+    from inference.phantoms import make_brain_mr
+
+    pixel, slice_ = spec.spacing_mm
+    return make_brain_mr(
+        np.random.default_rng(spec.seed),
+        shape=tuple(spec.shape),
+        pixel_spacing_mm=pixel,
+        slice_spacing_mm=slice_,
+        n_lesions=2 if min(spec.shape[0] * pixel, spec.shape[2] * slice_) >= 100 else 1,
+    )
+
+
 def _xray_phantom(spec: StudySpec):
     from inference.phantoms.chest_xray import make_chest_xray
 
@@ -150,8 +164,8 @@ def materialize(spec: StudySpec, cache: Path, *, chunk_bytes: int = CHUNK_BYTES)
     done = folder / "done"
     if not done.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        if spec.modality == "CT":
-            phantom = _ct_phantom(spec)
+        if spec.modality in VOLUMES:
+            phantom = _ct_phantom(spec) if spec.modality == "CT" else _mr_phantom(spec)
             files = write_dicom_series(phantom, folder / "dicom")
         else:
             phantom = _xray_phantom(spec)
@@ -197,6 +211,10 @@ def ct(shape: tuple[int, int, int], pixel_mm: float, slice_mm: float, seeds: int
     return [StudySpec("CT", shape, (pixel_mm, slice_mm), seed, payload) for seed in range(seeds)]
 
 
+def mr(shape: tuple[int, int, int], pixel_mm: float, slice_mm: float, seeds: int, payload: str = "dicom"):
+    return [StudySpec("MR", shape, (pixel_mm, slice_mm), seed, payload) for seed in range(seeds)]
+
+
 def dx(size: int, pixel_mm: float, seeds: int, payload: str = "dicom"):
     return [StudySpec("DX", (size, size), (pixel_mm,), seed, payload) for seed in range(seeds)]
 
@@ -209,6 +227,7 @@ class Workload:
     specs: list[StudySpec]
     concurrency: tuple[int, ...] = (1, 8)
     reads: int = 8  # measured reads per concurrency
+    max_s: float | None = None  # and at most this long per concurrency (then the reads done so far count)
     warmup_reads: int | None = None  # before each concurrency's measured reads; None: one per worker
     baseline_studies: int = 4  # studies the direct baseline reads (cycled)
     naive_studies: int = 2  # and the naive one
@@ -228,7 +247,8 @@ class Workload:
 
 
 PROFILES: dict[str, list[Workload]] = {
-    # Smoke (tests/benchmarks/test_bench_smoke.py): every path once, as few forward passes as possible.
+    # Smoke (tests/benchmarks/test_bench_smoke.py, and gpu_run.sh --dry-run): every path once, as few forward
+    # passes as possible.
     "tiny": [
         Workload(
             "ct",
@@ -240,6 +260,16 @@ PROFILES: dict[str, list[Workload]] = {
             naive_studies=1,
         ),
         Workload("dx-256", dx(256, 1.6, 4), concurrency=(1, 8), reads=8, baseline_studies=4, naive_studies=1),
+        # The naive baseline is a detector's (MONAI's RetinaNetDetector); segmentation has none.
+        Workload(
+            "mr",
+            mr((64, 64, 24), 3.0, 4.0, 1),
+            concurrency=(1, 2),
+            reads=2,
+            warmup_reads=0,
+            baseline_studies=1,
+            naive_studies=0,
+        ),
     ],
     # `make bench` on a 2-core CPU, within 5 minutes: a CT of 8 patches of 96^3 after resampling (a study's own
     # patches fill the batches of 4) and X-ray at 512x512 and 2048x2048 (16-bit DX), all as DICOM.
@@ -250,29 +280,67 @@ PROFILES: dict[str, list[Workload]] = {
         Workload("dx-512", dx(512, 0.8, 8), reads=32, baseline_studies=16, naive_studies=2),
         Workload("dx-2048", dx(2048, 0.2, 4), concurrency=(8,), reads=16, baseline_studies=8, naive_studies=1),
     ],
-    # benchmarks/gpu_run.sh on one H100/H200: CT 512x512x300 (0.7 mm pixels, 1 mm slices: 36 patches) as DICOM and
-    # through shared memory; X-ray 512x512 and 2048x2048 16-bit DX as DICOM, and 512x512 through shared memory.
+    # benchmarks/gpu_run.sh on one H100/H200, within run.py's --budget-s (benchmarks/README.md, "The GPU run's
+    # budget"): CT 512x512x300 (0.7 mm pixels, 1 mm slices: 36 patches) as DICOM and through shared memory; brain MR
+    # 256x256x160 as DICOM; X-ray 512x512 and 2048x2048 16-bit DX as DICOM, and 512x512 through shared memory. Most
+    # important first: a run cut short by its budget loses the last. Each row stops at `reads` or `max_s`; a CT
+    # read is bound by its DICOM decode (about 2.7 s a read on one core), so its rows are short in reads.
     "gpu": [
-        Workload("ct-512x512x300", ct((512, 512, 300), 0.7, 1.0, 1), reads=16, baseline_studies=4, naive_studies=1),
+        Workload(
+            "ct-512x512x300",
+            ct((512, 512, 300), 0.7, 1.0, 1),
+            reads=8,
+            max_s=20.0,
+            warmup_reads=1,
+            baseline_studies=2,
+            naive_studies=1,
+        ),
+        Workload(
+            "dx-512",
+            dx(512, 0.8, 8),
+            concurrency=(1, 8, 64),
+            reads=600,
+            max_s=8.0,
+            baseline_studies=256,
+            naive_studies=4,
+        ),
+        Workload(
+            "mr-256x256x160",
+            mr((256, 256, 160), 0.9, 1.2, 1),
+            reads=8,
+            max_s=15.0,
+            warmup_reads=1,
+            baseline_studies=2,
+            naive_studies=0,
+        ),
+        Workload(
+            "dx-2048",
+            dx(2048, 0.2, 4),
+            concurrency=(1, 8, 32),
+            reads=200,
+            max_s=8.0,
+            baseline_studies=32,
+            naive_studies=2,
+        ),
         Workload(
             "ct-512x512x300-shm",
             ct((512, 512, 300), 0.7, 1.0, 1, payload="shm"),
             concurrency=(8,),
             reads=16,
+            max_s=10.0,
             baseline_studies=0,
             naive_studies=0,
             direct_from="ct-512x512x300",
         ),
-        Workload("dx-512", dx(512, 0.8, 16), concurrency=(1, 8, 64), reads=1000, baseline_studies=512, naive_studies=8),
         Workload(
             "dx-512-shm",
-            dx(512, 0.8, 16, payload="shm"),
+            dx(512, 0.8, 8, payload="shm"),
             concurrency=(64,),
-            reads=2000,
+            reads=1000,
+            max_s=6.0,
             baseline_studies=0,
             naive_studies=0,
             direct_from="dx-512",
         ),
-        Workload("dx-2048", dx(2048, 0.2, 8), concurrency=(1, 8, 32), reads=300, baseline_studies=128, naive_studies=4),
     ],
 }

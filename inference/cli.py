@@ -109,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     read.add_argument("--timeout-s", type=float, default=600.0, help="deadline of the read")
     read.add_argument("--sr", type=Path, default=None, help="write the DICOM SR measurement report (TID 1500) here")
     read.add_argument("--seg", type=Path, default=None, help="write the DICOM Segmentation here")
+    read.add_argument(
+        "--fhir", type=Path, default=None, help="write the FHIR R4 Bundle (DiagnosticReport, Observations) here"
+    )
 
     models = sub.add_parser("models", help="inspect, load and unload the models of a server")
     models_sub = models.add_subparsers(dest="models_command", required=True)
@@ -268,6 +271,7 @@ def _read(args: argparse.Namespace) -> int:
 
     name, _, version = args.model.partition(":")
     outputs = [pb.FINDINGS] + [pb.DICOM_SR] * (args.sr is not None) + [pb.DICOM_SEG] * (args.seg is not None)
+    outputs += [pb.FHIR] * (args.fhir is not None)
     client = _client(args)
     # DICOM outputs come through ReadStreamed, in checked chunks, so that a SEG of any size arrives.
     read = client.read_streamed if args.sr is not None or args.seg is not None else client.read
@@ -294,6 +298,9 @@ def _read(args: argparse.Namespace) -> int:
         if path is not None and data:
             path.write_bytes(data)
             print(f"wrote {what} to {path}", file=sys.stderr)
+    if args.fhir is not None and response.fhir_bundle:
+        args.fhir.write_text(response.fhir_bundle, encoding="utf-8")
+        print(f"wrote FHIR Bundle to {args.fhir}", file=sys.stderr)
     result = response_to_json(response)
     print(json.dumps(result, indent=2) if args.format == "json" else _table(result))
     return 0

@@ -8,6 +8,8 @@ Metrics (each server has its own CollectorRegistry, served on ``metrics_port`` b
 * ``radserve_reads_in_flight``, ``radserve_queue_depth{model,version}`` (work items waiting),
   ``radserve_batch_size{model,version}`` (histogram of forward-pass batch sizes) and
   ``radserve_gpu_memory_allocated_bytes{device}`` (CUDA only): read from the engine at scrape time.
+* ``radserve_pinned_host_memory_bytes`` (CUDA only): host memory of the pinned staging buffers of GPU
+  preprocessing, cached between reads (``inference.backends.torch.pinned_host_memory_bytes``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.registry import Collector
 
 from inference.api.interceptors import AUDITED_METHODS, CallRecord, request_id_var
+from inference.backends.torch import pinned_host_memory_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +71,14 @@ class _EngineCollector(Collector):
         yield batches
         if devices:
             yield memory
+            pinned_bytes = pinned_host_memory_bytes()
+            if pinned_bytes is not None:
+                pinned = GaugeMetricFamily(
+                    "radserve_pinned_host_memory_bytes",
+                    "Host memory of pinned staging buffers for GPU preprocessing, cached blocks included",
+                )
+                pinned.add_metric([], pinned_bytes)
+                yield pinned
 
 
 class ServerMetrics:

@@ -78,7 +78,10 @@ class ServerProcess:
 
     def start(self, timeout_s: float = 180.0) -> ServerProcess:
         """Spawn and wait until health says SERVING."""
-        self.spawn()
+        return self.spawn().wait_serving(timeout_s)
+
+    def wait_serving(self, timeout_s: float = 180.0) -> ServerProcess:
+        """Wait until health says SERVING (after :meth:`spawn`); stop the child and raise if it does not."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

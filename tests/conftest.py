@@ -49,3 +49,38 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path
         return repo
 
     return make
+
+
+@pytest.fixture(scope="session")
+def sr_finding_groups() -> Callable:
+    """``sr_finding_groups(sr)``: a radserve SR's measurement groups per finding, read with highdicom.
+
+    A list in finding order (tracking identifier "finding N"), each a dict of the finding's groups by role:
+    "outline" and "center" (TID 1410, told apart by their geometric purpose), "center_3d" (TID 1411 volume surface)
+    and "segment" (TID 1411 referenced segment); a role the report lacks is absent.
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    def purpose(group) -> str | None:
+        for item in group[0].ContentSequence:
+            if item.ConceptNameCodeSequence[0].CodeValue == "130400":
+                return str(item.ConceptCodeSequence[0].CodeValue)
+        return None
+
+    def read(sr: hd.sr.Comprehensive3DSR) -> list[dict]:
+        found: dict[int, dict] = {}
+        for group in sr.content.get_planar_roi_measurement_groups():
+            role = "outline" if purpose(group) == codes.DCM.Outline.value else "center"
+            number = int(group.tracking_identifier.removeprefix("finding "))
+            assert role not in found.setdefault(number, {}), f"two {role} groups for finding {number}"
+            found[number][role] = group
+        for group in sr.content.get_volumetric_roi_measurement_groups():
+            role = "segment" if group.reference_type == codes.DCM.ReferencedSegment else "center_3d"
+            number = int(group.tracking_identifier.removeprefix("finding "))
+            assert role not in found.setdefault(number, {}), f"two {role} groups for finding {number}"
+            found[number][role] = group
+        assert sorted(found) == list(range(1, len(found) + 1)), sorted(found)
+        return [found[number] for number in sorted(found)]
+
+    return read

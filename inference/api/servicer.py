@@ -36,6 +36,7 @@ from inference.errors import (
 from inference.io.dicom import hash_uid
 from inference.io.limits import InputLimits
 from inference.modelrepo.registry import ModelListing, ModelRegistry, VersionState
+from inference.outputs.algorithm import Algorithm
 from inference.outputs.derived import DerivedObjects, build_derived
 from inference.postprocess.finding import Finding
 
@@ -163,7 +164,7 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         if header.model:
             check_model_allowed(header.model)  # before decoding: a tenant's forbidden model costs nothing
         wanted = set(header.outputs)
-        unknown = wanted - {pb.OUTPUT_KIND_UNSPECIFIED, pb.FINDINGS, pb.DICOM_SR, pb.DICOM_SEG}
+        unknown = wanted - {pb.OUTPUT_KIND_UNSPECIFIED, pb.FINDINGS, pb.DICOM_SR, pb.DICOM_SEG, pb.FHIR}
         if unknown:
             raise InvalidInputError(f"header.outputs holds unknown OutputKind values {sorted(unknown)}")
         loop = asyncio.get_running_loop()
@@ -198,7 +199,7 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         result = await read
         timing = {"receive": upload.receive_ms, "decode": decode_ms, **result.timing_ms}
         derived = DerivedObjects()
-        if pb.DICOM_SR in wanted or pb.DICOM_SEG in wanted:
+        if wanted & {pb.DICOM_SR, pb.DICOM_SEG, pb.FHIR}:
             encode_start = time.perf_counter()
             derived = await loop.run_in_executor(
                 self._io_executor,
@@ -207,11 +208,10 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
                     volume,
                     result.findings,
                     result.masks,
-                    model_name=runner.config.name,
-                    model_version=runner.config.version,
-                    weights_sha256=runner.weights_sha256,
+                    algorithm=Algorithm(runner.config.name, runner.config.version, runner.weights_sha256),
                     want_sr=pb.DICOM_SR in wanted,
                     want_seg=pb.DICOM_SEG in wanted,
+                    want_fhir=pb.FHIR in wanted,
                     source_files=[bytes(f) for f in upload.files] if pb.DICOM_SEG in wanted else (),
                 ),
             )
@@ -228,6 +228,7 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
             timing_ms=timing,
             warnings=[*result.warnings, *derived.warnings],
             device=str(runner.device),
+            fhir_bundle=derived.fhir.decode("utf-8"),
         )
         return ReadOutcome(summary, derived)
 

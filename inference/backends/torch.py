@@ -67,9 +67,10 @@ class TorchBackend(Backend):
         """Whether forward passes go through ``torch.compile`` (warm up with several batch sizes)."""
         return self._compiled is not None
 
-    def enable_compile(self) -> None:
-        """Forward passes through ``torch.compile`` from now on (CUDA only; compiles on the next calls)."""
-        if self._device.type != "cuda":
+    def enable_compile(self, *, on_cpu: bool = False) -> None:
+        """Forward passes through ``torch.compile`` from now on (compiles on the next calls). CUDA only, unless
+        ``on_cpu`` (benchmarks/compile_check.py's CPU rehearsal: the small reference models gain nothing there)."""
+        if self._device.type != "cuda" and not on_cpu:
             logger.info("torch.compile applies on CUDA only; the network runs eagerly on %s", self._device)
         elif self._compiled is None:
             self._compiled = torch.compile(self._network)
@@ -131,6 +132,21 @@ class TorchBackend(Backend):
 
 
 # -- host -> device for preprocessing ----------------------------------------------------------------------------
+
+
+def pinned_host_memory_bytes() -> int | None:
+    """Host memory held by torch's pinned (page-locked) allocator, its cached blocks included; None without CUDA.
+
+    These are :meth:`DeviceWork.to_device`'s staging buffers. The allocator rounds each up to a power of two (a
+    314 MB float32 CT takes 512 MiB) and keeps it for the next study, so the figure grows to about the largest
+    studies preprocessed at once and stays there: part of the server's resident memory, not of any one read.
+    """
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    stats = getattr(torch.cuda, "host_memory_stats", None)  # torch >= 2.7
+    if stats is None:
+        return None
+    return int(stats().get("allocated_bytes.current", 0))
 
 
 class DeviceWork:

@@ -6,8 +6,9 @@ a single loop task fills each forward pass with items drawn from several reads.
 
 API::
 
-    DynamicBatcher(name, forward, config, *, item_shape=None, executor=None)
+    DynamicBatcher(name, forward, config, *, item_shape=None, executor=None, stack_items=True)
         forward(batch: Tensor (B, C, *spatial)) -> Sequence of B per-item results   # synchronous
+        forward(items: list of B Tensors (C, *spatial)) -> ...                       # stack_items=False
     await batcher.start();  await batcher.stop(*, drain=True);  async with batcher: ...
     await batcher.submit(request_id, tensors, *, priority=Priority.ROUTINE, deadline_s=None) -> list[Any]
     batcher.queue_depth, batcher.item_shape, batcher.stats (BatcherStats), batcher.dead_error
@@ -22,7 +23,9 @@ Semantics:
 
 * ``forward`` runs in one worker thread (``loop.run_in_executor``; the batcher's own single-thread pool
   unless ``executor`` is given), one call at a time, so the event loop never blocks on the model. The
-  items are stacked there too. ``forward`` must return exactly B results, in batch order.
+  items are stacked there too, or, with ``stack_items=False``, handed over as a list for ``forward`` to stack
+  (``ModelRunner`` does, so that running out of GPU memory in the stack meets the forward's own handling).
+  ``forward`` must return exactly B results, in batch order.
 * Every item must have this batcher's item shape and dtype (``item_shape``, else the first admitted
   read fixes them); a read that does not fails alone with :class:`InvalidInputError` before it is queued.
 * Admission: a read that would overflow ``max_queue_size`` gets :class:`OverloadedError` (retriable); one
@@ -108,6 +111,7 @@ class DynamicBatcher:
         *,
         item_shape: Sequence[int] | None = None,
         executor: concurrent.futures.Executor | None = None,
+        stack_items: bool = True,
     ) -> None:
         if not name:
             raise ValueError("batcher name must be non-empty")
@@ -119,6 +123,7 @@ class DynamicBatcher:
         self.config = config
         self.stats = BatcherStats()
         self._forward_fn = forward
+        self._stack_items = stack_items
         self._item_shape: tuple[int, ...] | None = None if item_shape is None else tuple(int(s) for s in item_shape)
         self._item_dtype: torch.dtype | None = None
         self._delay_s = config.max_queue_delay_ms / 1000.0
@@ -377,7 +382,7 @@ class DynamicBatcher:
 
     def _forward_sync(self, tensors: list[torch.Tensor]) -> list[Any]:
         """Runs in the worker thread."""
-        outputs = list(self._forward_fn(torch.stack(tensors)))
+        outputs = list(self._forward_fn(torch.stack(tensors) if self._stack_items else tensors))
         if len(outputs) != len(tensors):
             raise RuntimeError(
                 f"forward of model {self.name} returned {len(outputs)} results for a batch of {len(tensors)}"

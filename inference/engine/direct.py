@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 
-from inference.engine.task import Task
+from inference.engine.task import Task, TaskResult
 from inference.io.volume import Volume
 from inference.platform import autocast_dtype
 from inference.postprocess.finding import Finding
 
-__all__ = ["forward_items", "load_network", "run_direct"]
+__all__ = ["forward_items", "load_network", "run_direct", "run_direct_result"]
 
 
 def load_network(task: Task) -> torch.nn.Module:
@@ -46,7 +46,12 @@ def forward_items(task: Task, network: torch.nn.Module, items: list[torch.Tensor
 
 
 def run_direct(task: Task, network: torch.nn.Module, volume: Volume, batch_size: int = 4) -> list[Finding]:
-    """Read one study: prepare, forward the items in batches of ``batch_size``, split, finalize."""
+    """Read one study: prepare, forward the items in batches of ``batch_size``, split, finalize. The findings."""
+    return run_direct_result(task, network, volume, batch_size).findings
+
+
+def run_direct_result(task: Task, network: torch.nn.Module, volume: Volume, batch_size: int = 4) -> TaskResult:
+    """As :func:`run_direct`, with the masks of a task that segments."""
     prepared = task.prepare(volume)
     results = forward_items(task, network, prepared.items, batch_size)
     return task.finalize(volume, prepared, results)

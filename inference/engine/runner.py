@@ -4,10 +4,14 @@ A read runs prepare (decode-side CPU work, in the I/O thread pool), then hands i
 batcher, whose worker thread runs ``backend.forward`` + ``task.split_outputs`` on batches mixed from
 many reads, then finalize (in the I/O pool). The event loop itself never does heavy work.
 
-Out of GPU memory in a forward pass (:meth:`ModelRunner._forward`, the one place that handles it): the
-backend's cache is emptied and the batch retried in halves down to single items; a single item that still
-does not fit runs on a CPU copy of the network when ``oom_cpu_fallback`` allows, else its read alone fails
-with :class:`LimitExceededError` (RESOURCE_EXHAUSTED). The other reads of the batch and later reads go on.
+Out of GPU memory (``torch.OutOfMemoryError``) anywhere in a read's GPU work is handled here and nowhere else:
+
+* stacking the items into a batch, or the forward pass (:meth:`ModelRunner._forward`): the backend's cache is
+  emptied and the batch retried in halves down to single items; a single item that still does not fit runs on a
+  CPU copy of the network when ``oom_cpu_fallback`` allows, else its read alone fails with
+  :class:`LimitExceededError` (RESOURCE_EXHAUSTED). The other reads of the batch and later reads go on.
+* preparing the study (:meth:`ModelRunner._prepare`: preprocessing on the device, patch extraction): the cache is
+  emptied and the read fails with :class:`LimitExceededError`; it holds no other read's work.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,11 +31,11 @@ import torch
 from inference.backends.base import Backend
 from inference.engine.batcher import DynamicBatcher
 from inference.engine.scheduler import Priority
-from inference.engine.task import Task
+from inference.engine.task import PreparedStudy, Task
 from inference.errors import LimitExceededError
 from inference.io.volume import Volume
 from inference.modelrepo.schema import ModelConfig
-from inference.postprocess.finding import Finding
+from inference.postprocess.finding import Finding, FindingMask
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +48,7 @@ class ReadResult:
     findings: list[Finding]
     timing_ms: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-    masks: dict[str, np.ndarray] | None = None  # label -> bool mask in the input grid (segmentation models)
+    masks: list[FindingMask] | None = None  # masks[n]: the voxels of findings[n] (segmentation); None: boxes only
 
 
 def without_voxels(volume: Volume) -> Volume:
@@ -78,7 +83,11 @@ class ModelRunner:
         # torch.compile the network at warm-up (model.yaml `compile`, or the server's --compile for all models).
         self.compile = bool(getattr(config, "compile", False))
         self.batcher = DynamicBatcher(
-            f"{config.name}:{config.version}", self._forward, config.batching, item_shape=task.item_shape
+            f"{config.name}:{config.version}",
+            self._forward,
+            config.batching,
+            item_shape=task.item_shape,
+            stack_items=False,  # _forward stacks them, within its out-of-memory handling
         )
 
     @property
@@ -89,28 +98,45 @@ class ModelRunner:
     def device(self) -> torch.device:
         return self.backend.device
 
-    def _forward(self, batch: torch.Tensor) -> list[Any]:
-        """Forward pass + per-item split (in the batcher's worker thread), surviving out-of-memory errors."""
+    def _forward(self, items: Sequence[torch.Tensor]) -> list[Any]:
+        """Stack ``items`` into a batch, forward it and split the outputs per item (in the batcher's worker
+        thread), surviving out-of-memory errors in the stack as in the forward pass."""
+        n = len(items)
         try:
-            return self.task.split_outputs(self.backend.forward(batch), batch.shape[0])
+            return self.task.split_outputs(self.backend.forward(torch.stack(list(items))), n)
         except OOM_ERRORS:
             pass  # recover outside the except block, so that the error's frames and their tensors are freed
-        release_cached_memory = getattr(self.backend, "release_cached_memory", None)
-        if release_cached_memory is not None:
-            release_cached_memory()
-        n = int(batch.shape[0])
+        self._release_cached_memory()
         if n > 1:
             logger.warning("model %s: out of memory on a batch of %d items; retrying in halves", self.key, n)
-            return self._forward(batch[: n // 2]) + self._forward(batch[n // 2 :])
+            return self._forward(items[: n // 2]) + self._forward(items[n // 2 :])
         if self.oom_cpu_fallback and getattr(self.backend, "can_fall_back_to_cpu", False):
             logger.warning("model %s: out of memory on a single item; running it on a CPU copy", self.key)
-            try:
-                return self.task.split_outputs(self.backend.forward_on_cpu(batch), 1)
+            try:  # the item is copied to the host and batched there: nothing more is allocated on the GPU
+                return self.task.split_outputs(self.backend.forward_on_cpu(items[0].to("cpu")[None]), 1)
             except OOM_ERRORS:
                 pass
         raise LimitExceededError(
             f"model {self.key} ran out of memory on a single work item (batch of 1); retry later or on a larger device"
         )
+
+    def _prepare(self, volume: Volume) -> PreparedStudy:
+        """``task.prepare`` (in an I/O thread). Out of GPU memory there (preprocessing on the device, patches)
+        fails this read alone with RESOURCE_EXHAUSTED, once the cached blocks are returned."""
+        try:
+            return self.task.prepare(volume)
+        except OOM_ERRORS:
+            pass  # outside the except block: the error's frames, holding the study's device tensors, are freed
+        self._release_cached_memory()
+        shape = "x".join(str(s) for s in volume.shape)
+        raise LimitExceededError(
+            f"model {self.key} ran out of GPU memory preparing a {shape} study; retry later or on a larger device"
+        )
+
+    def _release_cached_memory(self) -> None:
+        release_cached_memory = getattr(self.backend, "release_cached_memory", None)
+        if release_cached_memory is not None:
+            release_cached_memory()
 
     async def start(self) -> None:
         await self.batcher.start()
@@ -134,13 +160,13 @@ class ModelRunner:
             sizes = sorted({1, min(2, self.config.batching.max_batch_size), self.config.batching.max_batch_size})
         try:
             for size in sizes:
-                self._forward(torch.zeros((size, *self.task.item_shape), device=self.backend.device))
+                self._forward([torch.zeros(self.task.item_shape, device=self.backend.device)] * size)
         except Exception:
             if not getattr(self.backend, "compiled", False):
                 raise
             logger.exception("model %s: torch.compile failed during warm-up; running eagerly", self.key)
             self.backend.disable_compile()
-            self._forward(torch.zeros((1, *self.task.item_shape), device=self.backend.device))
+            self._forward([torch.zeros(self.task.item_shape, device=self.backend.device)])
         elapsed_ms = (time.perf_counter() - start) * 1e3
         logger.info(
             "model %s warmed up on %s in %.0f ms (batch sizes %s%s)",
@@ -162,14 +188,14 @@ class ModelRunner:
     ) -> ReadResult:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
-        prepared = await loop.run_in_executor(self._io_executor, self.task.prepare, volume)
+        prepared = await loop.run_in_executor(self._io_executor, self._prepare, volume)
         volume = without_voxels(volume)  # prepared: from here on only the geometry is needed
         timing = {"preprocess": (time.perf_counter() - start) * 1e3, **prepared.timing_ms}
         start = time.perf_counter()
         results = await self.batcher.submit(request_id, prepared.items, priority=priority, deadline_s=deadline_s)
         timing["infer"] = (time.perf_counter() - start) * 1e3
         start = time.perf_counter()
-        findings = await loop.run_in_executor(self._io_executor, self.task.finalize, volume, prepared, results)
+        output = await loop.run_in_executor(self._io_executor, self.task.finalize, volume, prepared, results)
         timing["postprocess"] = (time.perf_counter() - start) * 1e3
-        logger.debug("request %s: %d items, %d findings", request_id, len(prepared.items), len(findings))
-        return ReadResult(findings, timing, list(volume.warnings), self.task.masks(prepared))
+        logger.debug("request %s: %d items, %d findings", request_id, len(prepared.items), len(output.findings))
+        return ReadResult(output.findings, timing, list(volume.warnings), output.masks)

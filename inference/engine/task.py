@@ -2,8 +2,9 @@
 
 A :class:`Task` turns a Volume into same-shape work items (``prepare``), turns one batched network
 output into per-item results (``split_outputs``, run in the batcher's worker right after the forward
-pass), and turns a study's item results into Findings (``finalize``). The engine owns everything in
-between: queueing, batching across requests, the backend call. Detection and segmentation are Tasks.
+pass), and turns a study's item results into Findings and, for a task that segments, their masks
+(``finalize``, a :class:`TaskResult`). The engine owns everything in between: queueing, batching across
+requests, the backend call. Detection and segmentation are Tasks.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from inference.io.volume import Volume
 from inference.modelrepo.schema import ModelConfig
-from inference.postprocess.finding import Finding
+from inference.postprocess.finding import Finding, FindingMask
 
 
 @dataclass
@@ -25,6 +25,23 @@ class PreparedStudy:
     items: list[torch.Tensor]  # each (C, *item_shape), on the model's device
     context: Any  # task-specific: geometry, patch plan...
     timing_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """What ``Task.finalize`` returns: the findings and, for a task that segments, the voxels of each.
+
+    One object, so that no stage between the task and the DICOM SEG can keep the findings and drop the masks.
+    ``masks[n]`` holds the voxels of ``findings[n]`` on the input volume's grid; ``masks`` is None for a task that
+    has no masks (detection: the SEG renders its boxes, ``inference.outputs.regions``).
+    """
+
+    findings: list[Finding]
+    masks: list[FindingMask] | None = None
+
+    def __post_init__(self) -> None:
+        if self.masks is not None and len(self.masks) != len(self.findings):
+            raise ValueError(f"{len(self.masks)} masks for {len(self.findings)} findings: one mask per finding")
 
 
 class Task(ABC):
@@ -55,12 +72,7 @@ class Task(ABC):
         """Split one batched network output into ``batch_size`` per-item results (small, on the CPU)."""
         raise NotImplementedError(f"{type(self).__name__} must implement split_outputs")
 
-    def masks(self, prepared: PreparedStudy) -> dict[str, np.ndarray] | None:
-        """After ``finalize``: label -> boolean mask in the input volume's grid, for DICOM SEG; None if the
-        task produces no masks (detection)."""
-        return None
-
     @abstractmethod
-    def finalize(self, volume: Volume, prepared: PreparedStudy, results: list[Any]) -> list[Finding]:
-        """Merge a study's per-item results into Findings in patient coordinates."""
+    def finalize(self, volume: Volume, prepared: PreparedStudy, results: list[Any]) -> TaskResult:
+        """Merge a study's per-item results into Findings in patient coordinates (and their masks, if any)."""
         raise NotImplementedError(f"{type(self).__name__} must implement finalize")

@@ -1,11 +1,13 @@
 """What a read returns besides findings: a DICOM SR measurement report, a DICOM SEG, and the JSON contract.
 
-* ``build_measurement_report`` (sr.py): findings -> Comprehensive 3D SR, TID 1500.
-* ``build_segmentation`` / ``detections_to_masks`` (seg.py): label masks -> BINARY DICOM Segmentation.
+* ``build_measurement_report`` (sr.py): findings -> Comprehensive 3D SR, TID 1500, IHE AI Results.
+* ``build_segmentation`` (seg.py): one BINARY SEG segment per finding, its voxels.
+* regions.py: each finding's voxels (the model's mask, or its box rendered) and outline on the source images.
+* algorithm.py, codes.py, source.py, uids.py: the algorithm's identification, the coded concepts, the patient and
+  study attributes taken from the source, and the derived UIDs (the same read gives the same UIDs).
 * ``validate_findings_json`` (validate.py): checks a ``read --format json`` object against
   ``findings.schema.json`` (JSON Schema draft 2020-12, shipped in this package).
 * ``encode_dataset``: any of the DICOM objects -> Part 10 file bytes for the response.
-* uids.py: the SR's and SEG's UIDs, derived from the source and the model (the same read gives the same UIDs).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from inference.outputs.seg import build_segmentation, detections_to_masks
+from inference.outputs.algorithm import Algorithm
+from inference.outputs.seg import build_segmentation
 from inference.outputs.sr import build_measurement_report
 from inference.outputs.validate import load_findings_schema, validate_findings_json
 
@@ -43,9 +46,9 @@ def encode_dataset(ds: Dataset) -> bytes:
 
 
 __all__ = [
+    "Algorithm",
     "build_measurement_report",
     "build_segmentation",
-    "detections_to_masks",
     "encode_dataset",
     "load_findings_schema",
     "validate_findings_json",

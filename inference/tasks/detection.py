@@ -18,7 +18,7 @@ import torch
 
 from inference.engine.patches import PatchPlan, extract_patches, plan_patches
 from inference.engine.preprocess import preprocess
-from inference.engine.task import PreparedStudy, Task
+from inference.engine.task import PreparedStudy, Task, TaskResult
 from inference.io.volume import Volume
 from inference.modelrepo.schema import ALLOWED_TARGET_PREFIXES, ModelConfig, NetworkConfig
 from inference.postprocess.detection import (
@@ -27,7 +27,6 @@ from inference.postprocess.detection import (
     boxes_to_findings,
     merge_patch_detections,
 )
-from inference.postprocess.finding import Finding
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +92,10 @@ class DetectionTask(Task):
             raise ValueError(f"network output holds {len(detections)} items, expected {batch_size}")
         return detections
 
-    def finalize(self, volume: Volume, prepared: PreparedStudy, results: list[Detections]) -> list[Finding]:
+    def finalize(self, volume: Volume, prepared: PreparedStudy, results: list[Detections]) -> TaskResult:
+        """Findings without masks: a detection model's SEG is a rendering of its boxes (inference.outputs.regions)."""
         context: DetectionContext = prepared.context
         post = self.config.postprocessing
         merged = merge_patch_detections(context.plan, results, nms_iou=post.nms_iou, max_detections=post.max_detections)
-        return boxes_to_findings(merged, context.affine, volume, self.config.labels, min_size_mm=post.min_size_mm)
+        findings = boxes_to_findings(merged, context.affine, volume, self.config.labels, min_size_mm=post.min_size_mm)
+        return TaskResult(findings)

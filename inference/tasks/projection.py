@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from inference.engine.preprocess import zscore_foreground
-from inference.engine.task import PreparedStudy, Task
+from inference.engine.task import PreparedStudy, Task, TaskResult
 from inference.errors import InvalidInputError
 from inference.io.volume import Volume
 from inference.modelrepo.schema import ModelConfig, PreprocessConfig
@@ -279,17 +279,19 @@ class ProjectionDetectionTask(Task):
             raise ValueError(f"network output holds {len(detections)} items, expected {batch_size}")
         return detections
 
-    def finalize(self, volume: Volume, prepared: PreparedStudy, results: list[Detections]) -> list[Finding]:
+    def finalize(self, volume: Volume, prepared: PreparedStudy, results: list[Detections]) -> TaskResult:
+        """Findings on the image plane, without masks (the SEG renders the boxes, inference.outputs.regions)."""
         if len(results) != 1:
             raise ValueError(f"a projection image is one work item, got {len(results)} results")
         context: ProjectionContext = prepared.context
-        return projection_findings(
+        findings = projection_findings(
             results[0],
             context.geometry,
             self.config.labels,
             min_size_mm=self.config.postprocessing.min_size_mm,
             sop_instance_uid=_sop_instance_uid(volume),
         )
+        return TaskResult(findings)
 
 
 def _sop_instance_uid(volume: Volume) -> str | None:

@@ -4,7 +4,7 @@
 cuts it into ROI-sized patches. ``split_outputs`` turns one batched forward pass into per-patch foreground
 probabilities. ``finalize`` blends the patches back into the preprocessed grid, resamples the probability
 map onto the *input* volume's voxel grid, thresholds it, splits it into connected components and reports
-each as a Finding in LPS mm. The masks are left in ``prepared.context.masks`` for DICOM SEG output.
+each as a Finding in LPS mm, returned with each component's mask (a TaskResult) for the DICOM SEG.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,10 +24,10 @@ from scipy.spatial.distance import cdist
 
 from inference.engine.patches import PatchPlan, extract_patches, plan_patches
 from inference.engine.preprocess import preprocess
-from inference.engine.task import PreparedStudy, Task
+from inference.engine.task import PreparedStudy, Task, TaskResult
 from inference.io.volume import Volume
 from inference.modelrepo.schema import BLEND_MODES, ModelConfig
-from inference.postprocess.finding import Finding
+from inference.postprocess.finding import Finding, FindingMask
 from inference.tasks.detection import instantiate_network
 
 logger = logging.getLogger(__name__)
@@ -52,12 +52,10 @@ _EXACT_FERET_POINTS = 256  # above this many boundary points, only their convex 
 
 @dataclass
 class SegmentationContext:
-    """What ``finalize`` needs from ``prepare``, and the masks ``finalize`` leaves for DICOM SEG."""
+    """What ``finalize`` needs from ``prepare``: the preprocessed geometry and the patch plan."""
 
     affine: np.ndarray  # (4, 4): voxel index of the preprocessed image -> LPS mm
     plan: PatchPlan
-    # Set by finalize: label -> bool (X, Y, Z) on the input volume's grid, holding the reported components only.
-    masks: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class SegmentationTask(Task):
@@ -77,8 +75,9 @@ class SegmentationTask(Task):
        with a diameter under ``postprocessing.min_size_mm`` or a mean probability under
        ``postprocessing.min_score``, and keeps the ``max_detections`` highest-scoring.
 
-    After ``finalize``, ``prepared.context.masks[label]`` is a bool array with the input volume's shape
-    (its [column, row, slice] indexing and affine) holding exactly the components reported as Findings.
+    ``finalize`` returns the Findings with, for each, its component's mask on the input volume's grid (its
+    [column, row, slice] indexing and affine): ``TaskResult.masks[n]`` holds exactly the voxels that ``findings[n]``
+    counts in its ``volume_ml``.
     """
 
     def __init__(
@@ -150,7 +149,7 @@ class SegmentationTask(Task):
         probabilities = torch.softmax(logits, dim=1)[:, 1:] if self.softmax else torch.sigmoid(logits)
         return list(probabilities.to(device="cpu", dtype=torch.float16).unbind(0))
 
-    def finalize(self, volume: Volume, prepared: PreparedStudy, results: list[torch.Tensor]) -> list[Finding]:
+    def finalize(self, volume: Volume, prepared: PreparedStudy, results: list[torch.Tensor]) -> TaskResult:
         context: SegmentationContext = prepared.context
         post = self.config.postprocessing
         probabilities = stitch_patches(context.plan, results, self.importance_map).numpy()
@@ -170,12 +169,11 @@ class SegmentationTask(Task):
             candidates += [(f, box, mask) for f, (box, mask) in zip(label_findings, components, strict=True)]
         candidates.sort(key=lambda candidate: -candidate[0].score)
         kept = candidates[: post.max_detections]
-        masks = {label: np.zeros(volume.shape, dtype=bool) for label in self.config.labels}
-        for finding, box, mask in kept:
-            masks[finding.label][box] |= mask
-        context.masks = masks
         logger.debug("kept %d of %d components", len(kept), len(candidates))
-        return [finding for finding, _, _ in kept]
+        return TaskResult(
+            findings=[finding for finding, _, _ in kept],
+            masks=[FindingMask(tuple(int(s.start) for s in box), mask) for _, box, mask in kept],
+        )
 
 
 def stitch_patches(plan: PatchPlan, results: Sequence[torch.Tensor], importance_map: torch.Tensor) -> torch.Tensor:

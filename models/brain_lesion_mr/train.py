@@ -50,7 +50,7 @@ from scipy import ndimage
 
 from inference.engine.direct import run_direct
 from inference.engine.preprocess import preprocess
-from inference.engine.task import PreparedStudy
+from inference.engine.task import PreparedStudy, TaskResult
 from inference.io.volume import Volume
 from inference.modelrepo.schema import ModelConfig
 from inference.phantoms.brain_mr import BrainMRParams, lesion_mask, render_brain_mr, sample_brain_mr_params
@@ -282,14 +282,21 @@ class SweepTask(SegmentationTask):
         self.thresholds = tuple(thresholds)
         self.sweep: dict[float, tuple[list[Finding], np.ndarray]] = {}
 
-    def finalize(self, volume: Volume, prepared: PreparedStudy, results: list[Any]) -> list[Finding]:
+    def finalize(self, volume: Volume, prepared: PreparedStudy, results: list[Any]) -> TaskResult:
         self.sweep = {}
+        first = None
         for threshold in self.thresholds:
             self.threshold = threshold
-            findings = super().finalize(volume, prepared, results)
-            self.sweep[threshold] = (findings, prepared.context.masks[self.config.labels[0]])
+            output = super().finalize(volume, prepared, results)
+            union = np.zeros(volume.shape, dtype=bool)
+            for mask in output.masks or []:
+                union[mask.slices] |= mask.mask
+            self.sweep[threshold] = (output.findings, union)
+            if first is None:
+                first = output
         self.threshold = self.thresholds[0]
-        return self.sweep[self.thresholds[0]][0]
+        assert first is not None  # thresholds is never empty
+        return first
 
 
 @dataclass(frozen=True)
@@ -664,7 +671,7 @@ strides {net["strides"]}, {net["num_res_units"]} residual units per level, {net[
   dropped, at most {config.postprocessing.max_detections} kept.
 * Output: one `Finding(label="lesion")` per component — centroid and voxel-edge bounding box in LPS mm,
   longest extent as `diameter_mm`, `volume_ml`, mean probability as `score` — and the mask on the input
-  grid (`prepared.context.masks["lesion"]`) for DICOM SEG.
+  grid per finding (`TaskResult.masks`), which is the DICOM SEG's segment of that finding.
 
 ## Training data
 

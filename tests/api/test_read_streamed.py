@@ -132,10 +132,11 @@ def test_a_seg_in_many_chunks_reassembles_into_a_valid_segmentation(client, serv
     sources = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in study}
     referenced = {ref.ReferencedSOPInstanceUID for ref in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert referenced <= sources
-    assert seg.get_segment_description(1).segment_label == "lesion"
+    assert seg.get_segment_description(1).segment_label == "lesion 1"  # one segment per finding
     assert seg.get_volume().array.any()
     sr = hd.sr.srread(io.BytesIO(response.dicom_sr))
-    assert len(sr.content.get_planar_roi_measurement_groups()) == len(response.findings)
+    tracking_uids = {group.tracking_uid for group in sr.content.get_planar_roi_measurement_groups()}
+    assert len(tracking_uids) == len(response.findings) == len(seg.SegmentSequence)
 
     log = Path(server.log_path).read_text()
     assert re.search(r"read streamed-seg-1 tenant=- model=brain_lesion_mr:\S+ study=\w+ status=OK", log)

@@ -1,7 +1,8 @@
 """The benchmark harness end to end, in its tiny profile: the load generator against a real server, the ingest and
 memory runs, and the direct and naive baselines, then the report's structure and that every read succeeded.
 
-The server runs the real networks of models/lung_nodule_ct and models/chest_xray with seeded untrained weights:
+The server runs the real networks of models/lung_nodule_ct, models/chest_xray and models/brain_lesion_mr with seeded
+untrained weights:
 the harness is under test here, not the models (their throughput does not depend on the weights' values).
 Targets are figures in the report (PASS / MISS), never asserted here.
 """
@@ -48,19 +49,24 @@ def bench(*args: str, timeout_s: float = 900) -> subprocess.CompletedProcess[str
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    models = untrained_repository(tmp_path_factory.mktemp("models"), ("lung_nodule_ct", "chest_xray"))
+    models = untrained_repository(
+        tmp_path_factory.mktemp("models"), ("lung_nodule_ct", "chest_xray", "brain_lesion_mr")
+    )
     out = tmp_path_factory.mktemp("bench")
-    result = bench("--profile", "tiny", "--models", str(models), "--out", str(out))
+    cache = tmp_path_factory.mktemp("cache")
+    result = bench("--profile", "tiny", "--models", str(models), "--out", str(out), "--cache", str(cache))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result, json.loads((out / "tiny.json").read_text()), models
+    return result, json.loads((out / "tiny.json").read_text()), models, out
 
 
 def test_tiny_run_reports_every_path_and_every_read_succeeded(tiny_run):
-    _, report, models = tiny_run
+    _, report, models, out = tiny_run
     assert {"profile", "date", "commit", "device", "machine", "load_avg_before", "load_avg_after"} <= set(report)
     workloads = report["workloads"]
     expected = {"ct"} | ({"dx-256"} if (models / "chest_xray").is_dir() else set())
+    expected |= {"mr"} if (models / "brain_lesion_mr").is_dir() else set()
     assert set(workloads) == expected
+    assert sorted(p.name for p in out.iterdir()) == ["server.log", "tiny.json", "tiny.md"]  # the cache lives elsewhere
     for name, entry in workloads.items():
         assert entry["input"] and entry["images_per_study"] >= 1, name
         concurrencies = [row["concurrency"] for row in entry["service"]]
@@ -72,8 +78,9 @@ def test_tiny_run_reports_every_path_and_every_read_succeeded(tiny_run):
             assert {"receive", "decode", "preprocess", "infer", "postprocess", "total"} <= set(row["stages_ms"])
             memory = row["server_memory"]
             assert memory["rss_peak_mb"] >= memory["rss_idle_mb"] > 0
-        for baseline in ("direct", "naive"):
+        for baseline in ("direct", "naive") if name != "mr" else ("direct",):  # segmentation has no naive baseline
             assert entry[baseline]["studies"] >= 1 and entry[baseline]["studies_per_s"] > 0, (name, baseline)
+        assert "errors" not in entry, entry.get("errors")
         # The direct baseline's pooled batches find what run_direct finds.
         assert entry["direct"]["max_center_diff_vs_run_direct_mm"] < 1e-3
     paths = report["ingest"]["paths"]
@@ -84,7 +91,7 @@ def test_tiny_run_reports_every_path_and_every_read_succeeded(tiny_run):
 
 
 def test_tiny_run_prints_the_contract_lines(tiny_run):
-    result, report, models = tiny_run
+    result, report, models, _ = tiny_run
     lines = result.stdout.splitlines()
     ratio = [line for line in lines if line.startswith("service/direct: ")]
     assert len(ratio) == 1 and float(ratio[0].split(": ")[1]) > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pydicom
 import pytest
 
 from inference.outputs import validate_findings_json
+from inference.outputs.codes import DIAMETER
 from inference.outputs.uids import SEG, SR, DerivedUids, SourceKey
 from inference.phantoms import make_chest_ct, write_dicom_series
 
@@ -136,10 +138,10 @@ def test_bad_input_gets_a_precise_status_and_the_server_stays_up(server, tmp_pat
     assert radserve("models", "list", "--server", server.target).returncode == 0
 
 
-def test_sr_and_seg_come_back_valid_and_equal_to_the_findings(server, flipped_study, tmp_path):
-    import shutil
-
+def test_sr_and_seg_come_back_valid_and_equal_to_the_findings(server, flipped_study, sr_finding_groups, tmp_path):
     import highdicom as hd
+
+    from inference.outputs import conformance
 
     _, folder, files = flipped_study
     sr_path, seg_path = tmp_path / "sr.dcm", tmp_path / "seg.dcm"
@@ -151,28 +153,26 @@ def test_sr_and_seg_come_back_valid_and_equal_to_the_findings(server, flipped_st
 
     source_uids = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
     study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
-    sr = hd.sr.srread(sr_path)
-    assert sr.StudyInstanceUID == study_uid
-    groups = sr.content.get_planar_roi_measurement_groups()
-    assert len(groups) == len(body["findings"])
-    for group, finding in zip(groups, body["findings"], strict=True):
-        np.testing.assert_allclose(group.roi.value[0], finding["center_mm"], atol=1e-2)
-        diameter = next(m for m in group.get_measurements() if m.name.meaning == "Diameter")
+    sr, seg = hd.sr.srread(sr_path), hd.seg.segread(seg_path)
+    assert sr.StudyInstanceUID == seg.StudyInstanceUID == study_uid
+    per_finding = sr_finding_groups(sr)
+    assert len(per_finding) == len(body["findings"]) == len(seg.SegmentSequence)
+    for number, (groups, finding) in enumerate(zip(per_finding, body["findings"], strict=True), start=1):
+        np.testing.assert_allclose(groups["center_3d"].roi.graphic_data[0], finding["center_mm"], atol=1e-2)
+        (diameter,) = groups["outline"].get_measurements(name=DIAMETER)
         assert diameter.value == pytest.approx(finding["diameter_mm"], abs=1e-2)
-        for measurement in group.get_measurements():
-            assert {r.referenced_sop_instance_uid for r in measurement.referenced_images} <= source_uids
+        center_image = groups["center"].roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        assert center_image == finding["sop_instance_uid"]
+        outline_image = groups["outline"].roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        assert outline_image in source_uids
+        assert groups["segment"].referenced_segment.referenced_segment_numbers == [number]
+        assert seg.get_segment_description(number).tracking_uid == groups["segment"].tracking_uid
+    referenced = {ref.ReferencedSOPInstanceUID for ref in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == source_uids
 
-    seg = hd.seg.segread(seg_path)
-    assert seg.StudyInstanceUID == study_uid
-    assert {ref.ReferencedSOPInstanceUID for ref in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence} <= (
-        source_uids
-    )
-
-    if shutil.which("dciodvfy"):
+    if conformance.dciodvfy_available():
         for path in (sr_path, seg_path):
-            check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-            errors = [line for line in (check.stdout + check.stderr).splitlines() if "Error" in line]
-            assert not errors, errors
+            assert conformance.dciodvfy(path).errors == [], path.name
     if shutil.which("dsrdump"):
         assert subprocess.run(["dsrdump", str(sr_path)], capture_output=True, timeout=60).returncode == 0
 
@@ -192,6 +192,6 @@ def test_sr_and_seg_come_back_valid_and_equal_to_the_findings(server, flipped_st
     for path, kind in ((sr_path, SR), (again_sr, SR), (seg_path, SEG), (again_seg, SEG)):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         assert (ds.SOPInstanceUID, ds.SeriesInstanceUID) == (uids.instance(kind), uids.series(kind)), path.name
-    tracking = [group.tracking_uid for group in hd.sr.srread(again_sr).content.get_planar_roi_measurement_groups()]
-    assert tracking == [group.tracking_uid for group in groups]
-    assert tracking == [uids.tracking(number) for number in range(1, len(groups) + 1)]
+    tracking = [groups["outline"].tracking_uid for groups in sr_finding_groups(hd.sr.srread(again_sr))]
+    assert tracking == [groups["outline"].tracking_uid for groups in per_finding]
+    assert tracking == [uids.tracking(number) for number in range(1, len(per_finding) + 1)]

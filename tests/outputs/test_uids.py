@@ -13,10 +13,12 @@ import pydicom
 import pytest
 
 from inference.io.volume import Volume
-from inference.outputs import build_measurement_report, build_segmentation, detections_to_masks
+from inference.outputs import Algorithm, build_measurement_report, build_segmentation
+from inference.outputs.regions import finding_masks
 from inference.outputs.uids import SEG, SR, DerivedUids, SourceKey, derive_uid, device_uid, is_valid_uid
 
 MODEL = {"model_name": "lung_nodule_ct", "model_version": "1.2.0", "weights_sha256": "ab" * 32}
+ALGORITHM = Algorithm("lung_nodule_ct", "1.2.0", "ab" * 32)
 DICOM_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
@@ -79,11 +81,11 @@ def test_uids_derive_from_source_model_and_kind(ct_study):
 def test_sr_and_seg_built_twice_carry_the_same_derived_uids(ct_study):
     volume, findings = ct_study.volume, ct_study.findings
     uids = DerivedUids.for_volume(volume, **MODEL)
-    masks = detections_to_masks(volume, findings)
+    masks, _ = finding_masks(volume, findings, None)
 
     def build() -> tuple[pydicom.Dataset, pydicom.Dataset]:
-        sr = build_measurement_report(volume, findings, **MODEL)
-        seg = build_segmentation(volume, masks, source_datasets=ct_study.datasets, **MODEL)
+        sr = build_measurement_report(volume, findings, algorithm=ALGORITHM)
+        seg = build_segmentation(volume, findings, masks, algorithm=ALGORITHM, source_datasets=ct_study.datasets)
         return sr, seg
 
     (sr, seg), (sr_again, seg_again) = build(), build()
@@ -92,14 +94,15 @@ def test_sr_and_seg_built_twice_carry_the_same_derived_uids(ct_study):
     assert (sr.SOPInstanceUID, sr.SeriesInstanceUID) == (uids.instance(SR), uids.series(SR))
     assert (seg.SOPInstanceUID, seg.SeriesInstanceUID) == (uids.instance(SEG), uids.series(SEG))
     groups = hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_planar_roi_measurement_groups()
-    assert [g.tracking_uid for g in groups] == [uids.tracking(n) for n in range(1, len(findings) + 1)]
+    assert [g.tracking_uid for g in groups[::2]] == [uids.tracking(n) for n in range(1, len(findings) + 1)]
+    assert [d.TrackingUID for d in seg.SegmentSequence] == [uids.tracking(n) for n in range(1, len(findings) + 1)]
     observer_uids = [  # TID 1004 Device Observer UID: the model's device UID
         item.UID for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "121012"
     ]
     assert observer_uids == [device_uid(*MODEL.values())]
 
-    other = build_measurement_report(volume, findings, **{**MODEL, "model_version": "2"})
+    other = build_measurement_report(volume, findings, algorithm=Algorithm("lung_nodule_ct", "2", "ab" * 32))
     assert other.SOPInstanceUID != sr.SOPInstanceUID and other.SeriesInstanceUID != sr.SeriesInstanceUID
-    negative = build_measurement_report(volume, [], **MODEL)
+    negative = build_measurement_report(volume, [], algorithm=ALGORITHM)
     (group,) = hd.sr.Comprehensive3DSR.from_dataset(negative).content.get_image_measurement_groups()
     assert group.tracking_uid == uids.no_findings_tracking()

@@ -159,7 +159,9 @@ def test_finding_carries_the_source_image_uid(task):
     refs = SourceRefs("1.2", "1.2.3", None, (SourceImage("1.2.3.4", "1.2.840.10008.5.1.4.1.1.1.1", 0),))
     volume = replace(phantom.volume, source=refs)
     prepared = task.prepare(volume)
-    [finding] = task.finalize(volume, prepared, [one_box([50.0, 60.0, 70.0, 80.0])])
+    output = task.finalize(volume, prepared, [one_box([50.0, 60.0, 70.0, 80.0])])
+    [finding] = output.findings
+    assert output.masks is None  # a detection model: the SEG renders its boxes
     assert finding.sop_instance_uid == "1.2.3.4"
 
 

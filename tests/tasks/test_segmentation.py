@@ -147,30 +147,34 @@ def test_finalize_puts_the_mask_and_findings_on_the_input_grid():
 
     prepared = task.prepare(volume)
     results = task.split_outputs(ThresholdNetwork()(torch.stack(prepared.items)), len(prepared.items))
-    findings = task.finalize(volume, prepared, results)
+    output = task.finalize(volume, prepared, results)
 
-    assert len(findings) == 1
-    f = findings[0]
+    assert len(output.findings) == len(output.masks) == 1
+    f, finding_mask = output.findings[0], output.masks[0]
     volume_ml = 4 / 3 * np.pi * 12.0**3 / 1000
     assert np.linalg.norm(np.subtract(f.center_mm, center_mm)) < 0.5
     assert f.volume_ml == pytest.approx(volume_ml, rel=0.1)
     assert f.diameter_mm == pytest.approx(24.0, abs=2.0)
     lo, hi = np.array(f.bbox_mm[:3]), np.array(f.bbox_mm[3:])
     assert np.all(np.abs(lo - (center_mm - 12.0)) < 2.0) and np.all(np.abs(hi - (center_mm + 12.0)) < 2.0)
-    mask = prepared.context.masks["lesion"]
+    mask = finding_mask.dense(shape)
     truth = sphere.signed_distance_mm(centers) <= 0
-    assert mask.shape == shape and mask.dtype == bool
+    assert mask.dtype == bool
     assert 2 * np.sum(mask & truth) / (mask.sum() + truth.sum()) > 0.9
     assert f.score > 0.9
+    # The mask is the finding: its voxels are the volume reported, its centroid the center.
+    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
+    assert finding_mask.voxel_count * voxel_ml == pytest.approx(f.volume_ml, rel=1e-9)
+    np.testing.assert_allclose(np.argwhere(mask).mean(axis=0), f.center_voxel, atol=1e-9)
 
 
-def test_no_finding_leaves_an_empty_mask():
+def test_no_finding_gives_no_mask():
     volume = Volume(np.full((40, 40, 12), 100.0, np.float32), SAGITTAL_FLIPPED, "MR")
     task = SegmentationTask(tiny_config(), torch.device("cpu"))
     prepared = task.prepare(volume)
     results = task.split_outputs(ThresholdNetwork()(torch.stack(prepared.items)), len(prepared.items))
-    assert task.finalize(volume, prepared, results) == []
-    assert prepared.context.masks["lesion"].shape == volume.shape and not prepared.context.masks["lesion"].any()
+    output = task.finalize(volume, prepared, results)
+    assert output.findings == [] and output.masks == []
 
 
 def test_the_blend_mode_comes_from_the_model_yaml_and_unknown_modes_are_refused():

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19radserve/v1/reading.proto\x12\x0bradserve.v1\"L\n\x08RawArray\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x12\n\nspacing_mm\x18\x03 \x03(\x01\x12\x0e\n\x06\x61\x66\x66ine\x18\x04 \x03(\x01\"\xfe\x02\n\nReadHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\'\n\x08priority\x18\x04 \x01(\x0e\x32\x15.radserve.v1.Priority\x12(\n\x07outputs\x18\x05 \x03(\x0e\x32\x17.radserve.v1.OutputKind\x12)\n\x07payload\x18\x06 \x01(\x0e\x32\x18.radserve.v1.PayloadKind\x12\x1b\n\x13series_instance_uid\x18\x07 \x01(\t\x12\x10\n\x08modality\x18\x08 \x01(\t\x12\"\n\x03raw\x18\t \x01(\x0b\x32\x15.radserve.v1.RawArray\x12\x35\n\rshared_memory\x18\n \x01(\x0b\x32\x1c.radserve.v1.SharedMemoryRefH\x00\x12$\n\x04\x66ile\x18\x0b \x01(\x0b\x32\x14.radserve.v1.FileRefH\x00\x42\x08\n\x06ingest\"I\n\x0fSharedMemoryRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x14\n\x0coffset_bytes\x18\x03 \x01(\x04\"\x18\n\x07\x46ileRef\x12\r\n\x05paths\x18\x01 \x03(\t\")\n\x05\x43hunk\x12\x12\n\nfile_index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"e\n\x0bReadRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.radserve.v1.ReadHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.radserve.v1.ChunkH\x00\x42\x06\n\x04kind\"\xb6\x01\n\x07\x46inding\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\tcenter_mm\x18\x03 \x03(\x01\x12\x0f\n\x07\x62\x62ox_mm\x18\x04 \x03(\x01\x12\x13\n\x0b\x64iameter_mm\x18\x05 \x01(\x01\x12\x16\n\tvolume_ml\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x10sop_instance_uid\x18\x07 \x01(\t\x12\x14\n\x0c\x63\x65nter_voxel\x18\x08 \x03(\x01\x42\x0c\n\n_volume_ml\"\xa4\x02\n\x0cReadResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12&\n\x08\x66indings\x18\x04 \x03(\x0b\x32\x14.radserve.v1.Finding\x12:\n\ttiming_ms\x18\x05 \x03(\x0b\x32\'.radserve.v1.ReadResponse.TimingMsEntry\x12\x10\n\x08warnings\x18\x06 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x10\n\x08\x64icom_sr\x18\x08 \x01(\x0c\x12\x11\n\tdicom_seg\x18\t \x01(\x0c\x1a/\n\rTimingMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"i\n\x0bOutputChunk\x12\'\n\x06output\x18\x01 \x01(\x0e\x32\x17.radserve.v1.OutputKind\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"i\n\tOutputEnd\x12\'\n\x06output\x18\x01 \x01(\x0e\x32\x17.radserve.v1.OutputKind\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x03 \x01(\r\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\xa1\x01\n\x10ReadResponsePart\x12,\n\x07summary\x18\x01 \x01(\x0b\x32\x19.radserve.v1.ReadResponseH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.radserve.v1.OutputChunkH\x00\x12,\n\noutput_end\x18\x03 \x01(\x0b\x32\x16.radserve.v1.OutputEndH\x00\x42\x06\n\x04kind\"\x13\n\x11ListModelsRequest\"\x95\x01\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12-\n\nstate_code\x18\x03 \x01(\x0e\x32\x19.radserve.v1.VersionState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x06 \x01(\t\"\xa1\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x12\n\nmodalities\x18\x03 \x03(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12+\n\x08versions\x18\x05 \x03(\x0b\x32\x19.radserve.v1.ModelVersion\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x07 \x01(\t\"\xbe\x01\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.radserve.v1.ModelInfo\x12J\n\x0e\x64\x65\x66\x61ult_models\x18\x02 \x03(\x0b\x32\x32.radserve.v1.ListModelsResponse.DefaultModelsEntry\x1a\x34\n\x12\x44\x65\x66\x61ultModelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\" \n\x10LoadModelRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\";\n\x11LoadModelResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.radserve.v1.ModelInfo\":\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\'\n\x13UnloadModelResponse\x12\x10\n\x08unloaded\x18\x01 \x03(\t*;\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x0b\n\x07ROUTINE\x10\x01\x12\x08\n\x04STAT\x10\x02*P\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44ICOM_FILES\x10\x01\x12\t\n\x05NIFTI\x10\x02\x12\x07\n\x03RAW\x10\x03*T\n\nOutputKind\x12\x1b\n\x17OUTPUT_KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x46INDINGS\x10\x01\x12\x0c\n\x08\x44ICOM_SR\x10\x02\x12\r\n\tDICOM_SEG\x10\x03*\x98\x01\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15VERSION_STATE_LOADING\x10\x01\x12\x17\n\x13VERSION_STATE_READY\x10\x02\x12\x18\n\x14VERSION_STATE_FAILED\x10\x03\x12\x1b\n\x17VERSION_STATE_UNLOADING\x10\x04\x32\x89\x03\n\x0eReadingService\x12=\n\x04Read\x12\x18.radserve.v1.ReadRequest\x1a\x19.radserve.v1.ReadResponse(\x01\x12K\n\x0cReadStreamed\x12\x18.radserve.v1.ReadRequest\x1a\x1d.radserve.v1.ReadResponsePart(\x01\x30\x01\x12M\n\nListModels\x12\x1e.radserve.v1.ListModelsRequest\x1a\x1f.radserve.v1.ListModelsResponse\x12J\n\tLoadModel\x12\x1d.radserve.v1.LoadModelRequest\x1a\x1e.radserve.v1.LoadModelResponse\x12P\n\x0bUnloadModel\x12\x1f.radserve.v1.UnloadModelRequest\x1a .radserve.v1.UnloadModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19radserve/v1/reading.proto\x12\x0bradserve.v1\"L\n\x08RawArray\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x12\n\nspacing_mm\x18\x03 \x03(\x01\x12\x0e\n\x06\x61\x66\x66ine\x18\x04 \x03(\x01\"\xfe\x02\n\nReadHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\'\n\x08priority\x18\x04 \x01(\x0e\x32\x15.radserve.v1.Priority\x12(\n\x07outputs\x18\x05 \x03(\x0e\x32\x17.radserve.v1.OutputKind\x12)\n\x07payload\x18\x06 \x01(\x0e\x32\x18.radserve.v1.PayloadKind\x12\x1b\n\x13series_instance_uid\x18\x07 \x01(\t\x12\x10\n\x08modality\x18\x08 \x01(\t\x12\"\n\x03raw\x18\t \x01(\x0b\x32\x15.radserve.v1.RawArray\x12\x35\n\rshared_memory\x18\n \x01(\x0b\x32\x1c.radserve.v1.SharedMemoryRefH\x00\x12$\n\x04\x66ile\x18\x0b \x01(\x0b\x32\x14.radserve.v1.FileRefH\x00\x42\x08\n\x06ingest\"I\n\x0fSharedMemoryRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x14\n\x0coffset_bytes\x18\x03 \x01(\x04\"\x18\n\x07\x46ileRef\x12\r\n\x05paths\x18\x01 \x03(\t\")\n\x05\x43hunk\x12\x12\n\nfile_index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"e\n\x0bReadRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.radserve.v1.ReadHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.radserve.v1.ChunkH\x00\x42\x06\n\x04kind\"\xb6\x01\n\x07\x46inding\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\tcenter_mm\x18\x03 \x03(\x01\x12\x0f\n\x07\x62\x62ox_mm\x18\x04 \x03(\x01\x12\x13\n\x0b\x64iameter_mm\x18\x05 \x01(\x01\x12\x16\n\tvolume_ml\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x10sop_instance_uid\x18\x07 \x01(\t\x12\x14\n\x0c\x63\x65nter_voxel\x18\x08 \x03(\x01\x42\x0c\n\n_volume_ml\"\xb9\x02\n\x0cReadResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12&\n\x08\x66indings\x18\x04 \x03(\x0b\x32\x14.radserve.v1.Finding\x12:\n\ttiming_ms\x18\x05 \x03(\x0b\x32\'.radserve.v1.ReadResponse.TimingMsEntry\x12\x10\n\x08warnings\x18\x06 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x10\n\x08\x64icom_sr\x18\x08 \x01(\x0c\x12\x11\n\tdicom_seg\x18\t \x01(\x0c\x12\x13\n\x0b\x66hir_bundle\x18\n \x01(\t\x1a/\n\rTimingMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"i\n\x0bOutputChunk\x12\'\n\x06output\x18\x01 \x01(\x0e\x32\x17.radserve.v1.OutputKind\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"i\n\tOutputEnd\x12\'\n\x06output\x18\x01 \x01(\x0e\x32\x17.radserve.v1.OutputKind\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x03 \x01(\r\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\xa1\x01\n\x10ReadResponsePart\x12,\n\x07summary\x18\x01 \x01(\x0b\x32\x19.radserve.v1.ReadResponseH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.radserve.v1.OutputChunkH\x00\x12,\n\noutput_end\x18\x03 \x01(\x0b\x32\x16.radserve.v1.OutputEndH\x00\x42\x06\n\x04kind\"\x13\n\x11ListModelsRequest\"\x95\x01\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12-\n\nstate_code\x18\x03 \x01(\x0e\x32\x19.radserve.v1.VersionState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x06 \x01(\t\"\xa1\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x12\n\nmodalities\x18\x03 \x03(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12+\n\x08versions\x18\x05 \x03(\x0b\x32\x19.radserve.v1.ModelVersion\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x07 \x01(\t\"\xbe\x01\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.radserve.v1.ModelInfo\x12J\n\x0e\x64\x65\x66\x61ult_models\x18\x02 \x03(\x0b\x32\x32.radserve.v1.ListModelsResponse.DefaultModelsEntry\x1a\x34\n\x12\x44\x65\x66\x61ultModelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\" \n\x10LoadModelRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\";\n\x11LoadModelResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.radserve.v1.ModelInfo\":\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\'\n\x13UnloadModelResponse\x12\x10\n\x08unloaded\x18\x01 \x03(\t*;\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x0b\n\x07ROUTINE\x10\x01\x12\x08\n\x04STAT\x10\x02*P\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44ICOM_FILES\x10\x01\x12\t\n\x05NIFTI\x10\x02\x12\x07\n\x03RAW\x10\x03*^\n\nOutputKind\x12\x1b\n\x17OUTPUT_KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x46INDINGS\x10\x01\x12\x0c\n\x08\x44ICOM_SR\x10\x02\x12\r\n\tDICOM_SEG\x10\x03\x12\x08\n\x04\x46HIR\x10\x04*\x98\x01\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15VERSION_STATE_LOADING\x10\x01\x12\x17\n\x13VERSION_STATE_READY\x10\x02\x12\x18\n\x14VERSION_STATE_FAILED\x10\x03\x12\x1b\n\x17VERSION_STATE_UNLOADING\x10\x04\x32\x89\x03\n\x0eReadingService\x12=\n\x04Read\x12\x18.radserve.v1.ReadRequest\x1a\x19.radserve.v1.ReadResponse(\x01\x12K\n\x0cReadStreamed\x12\x18.radserve.v1.ReadRequest\x1a\x1d.radserve.v1.ReadResponsePart(\x01\x30\x01\x12M\n\nListModels\x12\x1e.radserve.v1.ListModelsRequest\x1a\x1f.radserve.v1.ListModelsResponse\x12J\n\tLoadModel\x12\x1d.radserve.v1.LoadModelRequest\x1a\x1e.radserve.v1.LoadModelResponse\x12P\n\x0bUnloadModel\x12\x1f.radserve.v1.UnloadModelRequest\x1a .radserve.v1.UnloadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,14 +35,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_READRESPONSE_TIMINGMSENTRY']._serialized_options = b'8\001'
   _globals['_LISTMODELSRESPONSE_DEFAULTMODELSENTRY']._loaded_options = None
   _globals['_LISTMODELSRESPONSE_DEFAULTMODELSENTRY']._serialized_options = b'8\001'
-  _globals['_PRIORITY']._serialized_start=2336
-  _globals['_PRIORITY']._serialized_end=2395
-  _globals['_PAYLOADKIND']._serialized_start=2397
-  _globals['_PAYLOADKIND']._serialized_end=2477
-  _globals['_OUTPUTKIND']._serialized_start=2479
-  _globals['_OUTPUTKIND']._serialized_end=2563
-  _globals['_VERSIONSTATE']._serialized_start=2566
-  _globals['_VERSIONSTATE']._serialized_end=2718
+  _globals['_PRIORITY']._serialized_start=2357
+  _globals['_PRIORITY']._serialized_end=2416
+  _globals['_PAYLOADKIND']._serialized_start=2418
+  _globals['_PAYLOADKIND']._serialized_end=2498
+  _globals['_OUTPUTKIND']._serialized_start=2500
+  _globals['_OUTPUTKIND']._serialized_end=2594
+  _globals['_VERSIONSTATE']._serialized_start=2597
+  _globals['_VERSIONSTATE']._serialized_end=2749
   _globals['_RAWARRAY']._serialized_start=42
   _globals['_RAWARRAY']._serialized_end=118
   _globals['_READHEADER']._serialized_start=121
@@ -58,33 +58,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FINDING']._serialized_start=753
   _globals['_FINDING']._serialized_end=935
   _globals['_READRESPONSE']._serialized_start=938
-  _globals['_READRESPONSE']._serialized_end=1230
-  _globals['_READRESPONSE_TIMINGMSENTRY']._serialized_start=1183
-  _globals['_READRESPONSE_TIMINGMSENTRY']._serialized_end=1230
-  _globals['_OUTPUTCHUNK']._serialized_start=1232
-  _globals['_OUTPUTCHUNK']._serialized_end=1337
-  _globals['_OUTPUTEND']._serialized_start=1339
-  _globals['_OUTPUTEND']._serialized_end=1444
-  _globals['_READRESPONSEPART']._serialized_start=1447
-  _globals['_READRESPONSEPART']._serialized_end=1608
-  _globals['_LISTMODELSREQUEST']._serialized_start=1610
-  _globals['_LISTMODELSREQUEST']._serialized_end=1629
-  _globals['_MODELVERSION']._serialized_start=1632
-  _globals['_MODELVERSION']._serialized_end=1781
-  _globals['_MODELINFO']._serialized_start=1784
-  _globals['_MODELINFO']._serialized_end=1945
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1948
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2138
-  _globals['_LISTMODELSRESPONSE_DEFAULTMODELSENTRY']._serialized_start=2086
-  _globals['_LISTMODELSRESPONSE_DEFAULTMODELSENTRY']._serialized_end=2138
-  _globals['_LOADMODELREQUEST']._serialized_start=2140
-  _globals['_LOADMODELREQUEST']._serialized_end=2172
-  _globals['_LOADMODELRESPONSE']._serialized_start=2174
-  _globals['_LOADMODELRESPONSE']._serialized_end=2233
-  _globals['_UNLOADMODELREQUEST']._serialized_start=2235
-  _globals['_UNLOADMODELREQUEST']._serialized_end=2293
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=2295
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=2334
-  _globals['_READINGSERVICE']._serialized_start=2721
-  _globals['_READINGSERVICE']._serialized_end=3114
+  _globals['_READRESPONSE']._serialized_end=1251
+  _globals['_READRESPONSE_TIMINGMSENTRY']._serialized_start=1204
+  _globals['_READRESPONSE_TIMINGMSENTRY']._serialized_end=1251
+  _globals['_OUTPUTCHUNK']._serialized_start=1253
+  _globals['_OUTPUTCHUNK']._serialized_end=1358
+  _globals['_OUTPUTEND']._serialized_start=1360
+  _globals['_OUTPUTEND']._serialized_end=1465
+  _globals['_READRESPONSEPART']._serialized_start=1468
+  _globals['_READRESPONSEPART']._serialized_end=1629
+  _globals['_LISTMODELSREQUEST']._serialized_start=1631
+  _globals['_LISTMODELSREQUEST']._serialized_end=1650
+  _globals['_MODELVERSION']._serialized_start=1653
+  _globals['_MODELVERSION']._serialized_end=1802
+  _globals['_MODELINFO']._serialized_start=1805
+  _globals['_MODELINFO']._serialized_end=1966
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1969
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2159
+  _globals['_LISTMODELSRESPONSE_DEFAULTMODELSENTRY']._serialized_start=2107
+  _globals['_LISTMODELSRESPONSE_DEFAULTMODELSENTRY']._serialized_end=2159
+  _globals['_LOADMODELREQUEST']._serialized_start=2161
+  _globals['_LOADMODELREQUEST']._serialized_end=2193
+  _globals['_LOADMODELRESPONSE']._serialized_start=2195
+  _globals['_LOADMODELRESPONSE']._serialized_end=2254
+  _globals['_UNLOADMODELREQUEST']._serialized_start=2256
+  _globals['_UNLOADMODELREQUEST']._serialized_end=2314
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=2316
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=2355
+  _globals['_READINGSERVICE']._serialized_start=2752
+  _globals['_READINGSERVICE']._serialized_end=3145
 # @@protoc_insertion_point(module_scope)

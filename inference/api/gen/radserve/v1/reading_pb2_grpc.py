@@ -82,7 +82,7 @@ class ReadingServiceServicer:
         """Read one study and get the answer as a stream. The request stream is exactly Read's, and the same errors
         come back as the status of the call. The answer is a sequence of ReadResponsePart messages:
         1. `summary`: a ReadResponse with everything Read returns except the DICOM bytes (dicom_sr and dicom_seg
-        are empty): request id, model, version, device, findings, timings, warnings;
+        are empty): request id, model, version, device, findings, timings, warnings, the FHIR bundle;
         2. for each DICOM output asked for in header.outputs and produced, DICOM_SR first, then DICOM_SEG:
         its bytes as `chunk`s of at most 4 MiB, in order (offset 0, then each chunk's offset + its size), then
         its `output_end` with the size and SHA-256 of the whole object. An object is complete only once its
