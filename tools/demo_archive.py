@@ -34,16 +34,21 @@ def series_in(dicomweb, study_uid: str) -> dict[str, list[str]]:
 
 
 def sr_findings(dicomweb, study_uid: str, series_uid: str) -> list[tuple[list[float], float]]:
-    """(center_mm, diameter_mm) of each finding of the archived SR."""
+    """(center_mm, diameter_mm) of each finding of the archived SR: its 3-D center (TID 1411, a SCOORD3D point)
+    and the diameter measured on its outline (TID 1410), matched by tracking identifier."""
     import highdicom as hd
+    from pydicom.sr.codedict import codes
 
     (sr,) = dicomweb.retrieve_series(study_uid, series_uid)
     report = hd.sr.Comprehensive3DSR.from_dataset(sr)
-    findings = []
+    found: dict[str, list] = {}
+    for group in report.content.get_volumetric_roi_measurement_groups():
+        if group.reference_type != codes.DCM.ReferencedSegment:
+            found.setdefault(group.tracking_identifier, [None, float("nan")])[0] = list(group.roi.graphic_data[0])
     for group in report.content.get_planar_roi_measurement_groups():
-        diameters = [m.value for m in group.get_measurements() if "diameter" in m.name.meaning.lower()]
-        findings.append((list(group.roi.value[0]), float(diameters[0]) if diameters else float("nan")))
-    return findings
+        for measurement in group.get_measurements(name=codes.SCT.Diameter):
+            found.setdefault(group.tracking_identifier, [None, float("nan")])[1] = float(measurement.value)
+    return [(center, diameter) for center, diameter in found.values() if center is not None]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,12 +76,12 @@ def series_by_modality(client: DICOMwebClient, uid: str) -> dict[str, list[int]]
     return found
 
 
-def sr_centers(client: DICOMwebClient, uid: str) -> np.ndarray:
+def sr_centers(client: DICOMwebClient, uid: str, sr_finding_groups) -> np.ndarray:
+    """The 3-D center (SCOORD3D) of each finding of the study's one SR, read back from the archive."""
     (series,) = [s for s in client.search_for_series(uid) if s["00080060"]["Value"][0] == "SR"]
     (sr,) = client.retrieve_series(uid, series["0020000E"]["Value"][0])
     report = hd.sr.Comprehensive3DSR.from_dataset(sr)
-    points = [group.roi.value[0] for group in report.content.get_planar_roi_measurement_groups()]
-    return np.array(points).reshape(-1, 3)
+    return np.array([groups["center_3d"].roi.graphic_data[0] for groups in sr_finding_groups(report)]).reshape(-1, 3)
 
 
 @pytest.fixture
@@ -89,7 +89,9 @@ def dicomweb(orthanc) -> DICOMwebClient:
     return DICOMwebClient(orthanc.dicomweb_url)
 
 
-def test_every_study_is_read_and_stored_exactly_once_through_a_kill_9(server, orthanc, dicomweb, tmp_path):
+def test_every_study_is_read_and_stored_exactly_once_through_a_kill_9(
+    server, orthanc, dicomweb, sr_finding_groups, tmp_path
+):
     ct_files, ct = chest_ct(tmp_path / "ct")
     mr = make_brain_mr(
         np.random.default_rng(777),
@@ -158,7 +160,7 @@ def test_every_study_is_read_and_stored_exactly_once_through_a_kill_9(server, or
     assert archived["report"] == {"SR": [1]}
 
     # The CT's findings, read back from the archived SR, are the planted nodules.
-    centers = sr_centers(dicomweb, studies["ct"])
+    centers = sr_centers(dicomweb, studies["ct"], sr_finding_groups)
     for lesion in ct.lesions:
         distance = np.linalg.norm(centers - np.asarray(lesion.center_mm), axis=1).min()
         assert distance <= MATCH_MM, f"nodule at {lesion.center_mm} missing from the archived SR ({distance:.1f} mm)"
