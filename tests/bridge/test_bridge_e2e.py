@@ -409,3 +409,29 @@ def test_a_late_image_series_reopens_a_study_and_reports_do_not(server, orthanc,
     archived = series_by_modality(dicomweb, uid)
     assert sorted(archived["MR"]) == [24, 30]
     assert archived["SR"] == [1, 1, 1]  # the other system's report, and one radserve SR per series read
+
+
+def test_a_malformed_instance_reaches_radserve_as_stored_and_fails_the_study_alone(server, orthanc, tmp_path):
+    """WADO-RS hands the archive's own bytes to radserve, untouched: a slice whose pixel data is cut short fails
+    its study with radserve's INVALID_ARGUMENT naming the file, at the first attempt; the good study is stored."""
+    good = write_dicom_series(make_chest_ct(np.random.default_rng(91), shape=(64, 64, 12), n_nodules=0), tmp_path / "g")
+    bad = write_dicom_series(make_chest_ct(np.random.default_rng(92), shape=(64, 64, 12), n_nodules=0), tmp_path / "b")
+    cut = pydicom.dcmread(bad[5])
+    cut.PixelData = cut.PixelData[: len(cut.PixelData) // 2]
+    cut.save_as(bad[5])
+    orthanc.upload(good + bad)
+    bridge = in_process_bridge(orthanc, server.target, tmp_path / "state")
+    try:
+        bridge.poll_once()
+        while bridge.work_one() is not None:
+            pass
+        bad_row, good_row = bridge.journal.get(study_uid(bad[0])), bridge.journal.get(study_uid(good[0]))
+    finally:
+        bridge.close()
+    assert (good_row.state, bad_row.state, bad_row.status, bad_row.attempts) == (
+        "stored",
+        "failed",
+        "INVALID_ARGUMENT",
+        0,
+    )
+    assert "file" in bad_row.message and "pixel" in bad_row.message.lower(), bad_row.message
