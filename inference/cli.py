@@ -225,6 +225,10 @@ def _parser() -> argparse.ArgumentParser:
     tserve.add_argument("--cache-dir", type=Path, default=None, help="exports cache (default ~/.cache/radserve)")
     tvenv = triton_sub.add_parser("venv", help="create or update Triton's virtual environment, print its path")
     tvenv.add_argument("--venv", type=Path, default=None, help="where (default .venv-triton in a checkout)")
+
+    from inference.bridge.cli import add_parser as add_bridge_parser
+
+    add_bridge_parser(sub)
     return parser
 
 
@@ -513,8 +517,16 @@ def _check_can_start(config: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
-        from inference.api.server import serve
-        from inference.config import load_config
+        try:
+            from inference.api.server import serve
+            from inference.config import load_config
+        except ModuleNotFoundError as exc:  # a client-only install (pip install radserve[client])
+            print(
+                f"error: `radserve serve` needs the server's dependencies (missing: {exc.name}); "
+                "install them with: pip install 'radserve[server]'",
+                file=sys.stderr,
+            )
+            return 2
 
         cli = {
             "host": args.host,
@@ -581,6 +593,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if report.ok else 1
     if args.command == "triton":
         return _triton(args)
+    if args.command == "bridge":
+        from inference.bridge.cli import main as bridge_main
+
+        return bridge_main(args)
     if args.command == "health":
         from grpc_health.v1 import health_pb2
 
