@@ -11,6 +11,7 @@ TRITON_REPO ?= out/triton-repository
 TRITON_PORT ?= 8001
 
 .PHONY: venv serve test test-fast lint format proto demo bench train clean venv-triton triton-export triton-serve
+.PHONY: demo-archive
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,3 +68,6 @@ train: venv  ## retrain the bundled models from their seeded scripts, every vers
 clean:
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info
 	find . -name __pycache__ -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
+
+demo-archive: venv  ## Orthanc (DICOMweb) + radserve + `radserve bridge`: a synthetic CT stored, its SR and SEG appear beside it
+	$(PY) tools/demo_archive.py

@@ -18,7 +18,9 @@ DEFAULT_SERVER = "127.0.0.1:50051"
 
 
 def _add_server_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT of a radserve server")
+    parser.add_argument(
+        "--server", default=DEFAULT_SERVER, help=f"HOST:PORT of a radserve server (default {DEFAULT_SERVER})"
+    )
     parser.add_argument("--ca", type=Path, default=None, help="CA certificate (PEM) of the server: use TLS")
     parser.add_argument("--tls-cert", type=Path, default=None, help="client certificate (PEM), for mutual TLS")
     parser.add_argument("--tls-key", type=Path, default=None, help="client private key (PEM), for mutual TLS")
@@ -67,6 +69,39 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--auth-tokens", type=Path, default=None, help="YAML file of tenant: token (bearer auth)")
     serve.add_argument("--max-in-flight", type=int, default=None, help="reads in flight before UNAVAILABLE (64)")
+    serve.add_argument(
+        "--max-reads-per-client",
+        type=int,
+        default=None,
+        help="reads one tenant (or, without tokens, one IP address) may have in progress (128)",
+    )
+    serve.add_argument(
+        "--memory-budget-gb",
+        type=float,
+        default=None,
+        help="admit reads by their estimated peak memory within this budget (default: half the machine's memory)",
+    )
+    serve.add_argument(
+        "--decode-workers",
+        type=int,
+        default=None,
+        help="processes decoding DICOM and NIfTI uploads, replaced when a decode hangs (2; 0: decode in threads)",
+    )
+    serve.add_argument(
+        "--decode-timeout-s", type=float, default=None, help="a decode running longer is stopped (default 120)"
+    )
+    serve.add_argument(
+        "--upload-first-chunk-timeout-s",
+        type=float,
+        default=None,
+        help="a Read whose first payload chunk has not arrived by then gets DEADLINE_EXCEEDED (default 30)",
+    )
+    serve.add_argument(
+        "--upload-min-bytes-per-s",
+        type=float,
+        default=None,
+        help="slowest average upload accepted after the first 30 s (default 16384)",
+    )
     serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port (9464; 0: off)")
     serve.add_argument(
         "--health-port", type=int, default=None, help="plaintext port with gRPC health only, for probes (0: none)"
@@ -109,6 +144,13 @@ def _parser() -> argparse.ArgumentParser:
     read.add_argument("--timeout-s", type=float, default=600.0, help="deadline of the read")
     read.add_argument("--sr", type=Path, default=None, help="write the DICOM SR measurement report (TID 1500) here")
     read.add_argument("--seg", type=Path, default=None, help="write the DICOM Segmentation here")
+    read.add_argument(
+        "--series",
+        default="",
+        metavar="UID",
+        help="the series to read when the files hold several: its SeriesInstanceUID, or the 12-digit hash the error "
+        "lists it by",
+    )
     read.add_argument(
         "--fhir", type=Path, default=None, help="write the FHIR R4 Bundle (DiagnosticReport, Observations) here"
     )
@@ -183,6 +225,10 @@ def _parser() -> argparse.ArgumentParser:
     tserve.add_argument("--cache-dir", type=Path, default=None, help="exports cache (default ~/.cache/radserve)")
     tvenv = triton_sub.add_parser("venv", help="create or update Triton's virtual environment, print its path")
     tvenv.add_argument("--venv", type=Path, default=None, help="where (default .venv-triton in a checkout)")
+
+    from inference.bridge.cli import add_parser as add_bridge_parser
+
+    add_bridge_parser(sub)
 
     # `radserve eval` (a client of the API: inference/evaluation/) and `radserve phantoms make` (the labelled datasets
     # it reads). Declared here, so that building the parser imports neither package.
@@ -311,6 +357,9 @@ def _read(args: argparse.Namespace) -> int:
 
     name, _, version = args.model.partition(":")
     outputs = [pb.FINDINGS] + [pb.DICOM_SR] * (args.sr is not None) + [pb.DICOM_SEG] * (args.seg is not None)
+    header_fields: dict[str, Any] = {}
+    if args.series:
+        header_fields["series_instance_uid"] = args.series
     outputs += [pb.FHIR] * (args.fhir is not None)
     client = _client(args)
     # DICOM outputs come through ReadStreamed, in checked chunks, so that a SEG of any size arrives.
@@ -326,6 +375,7 @@ def _read(args: argparse.Namespace) -> int:
             outputs=outputs,
             timeout_s=args.timeout_s,
             progress=_Progress(sum(f.stat().st_size for f in files)),
+            **header_fields,
         )
     except grpc.RpcError as exc:
         return _error(exc)
@@ -338,6 +388,9 @@ def _read(args: argparse.Namespace) -> int:
         if path is not None and data:
             path.write_bytes(data)
             print(f"wrote {what} to {path}", file=sys.stderr)
+        elif path is not None:
+            why = [w for w in response.warnings if what.split()[-1] in w] or ["the server sent none"]
+            print(f"no {what} written to {path}: {'; '.join(why)}", file=sys.stderr)
     if args.fhir is not None and response.fhir_bundle:
         args.fhir.write_text(response.fhir_bundle, encoding="utf-8")
         print(f"wrote FHIR Bundle to {args.fhir}", file=sys.stderr)
@@ -361,7 +414,7 @@ def _models(args: argparse.Namespace) -> int:
     try:
         if args.models_command == "load":
             path = Path(args.dir).expanduser()
-            target = str(path.resolve()) if path.exists() else args.dir
+            target = str(path.absolute()) if path.exists() else args.dir
             response = client.load_model(target, timeout_s=args.timeout_s)
             _print_models(response.models)
             return 0
@@ -474,11 +527,50 @@ def _triton(args: argparse.Namespace) -> int:
         return 1
 
 
+def _check_can_start(config: Any) -> None:
+    """What would stop the server once it has started logging, said first, as one line: a missing model directory,
+    a port something else listens on."""
+    import socket
+
+    from inference.api.server import StartupError
+
+    if not config.models.is_dir():
+        raise StartupError(f"the model directory {str(config.models)!r} does not exist or is not a directory")
+    for name, port in (
+        ("port", config.port),
+        ("metrics port", config.metrics_port),
+        ("health port", config.health_port),
+    ):
+        if not port:
+            continue
+        try:
+            infos = socket.getaddrinfo(config.host.strip("[]"), port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise StartupError(f"cannot resolve the host {config.host!r}: {exc.strerror}") from None
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a listener, not TIME_WAIT, means in use
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {config.host}:{port} (the {name}): {exc.strerror}; is another server running?"
+                ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
-        from inference.api.server import serve
-        from inference.config import load_config
+        try:
+            from inference.api.server import serve
+            from inference.config import load_config
+        except ModuleNotFoundError as exc:  # a client-only install (pip install radserve[client])
+            print(
+                f"error: `radserve serve` needs the server's dependencies (missing: {exc.name}); "
+                "install them with: pip install 'radserve[server]'",
+                file=sys.stderr,
+            )
+            return 2
 
         cli = {
             "host": args.host,
@@ -496,6 +588,12 @@ def main(argv: list[str] | None = None) -> int:
             "insecure": args.insecure,
             "auth_tokens": args.auth_tokens,
             "max_in_flight": args.max_in_flight,
+            "max_reads_per_client": args.max_reads_per_client,
+            "memory_budget_gb": args.memory_budget_gb,
+            "decode_workers": args.decode_workers,
+            "decode_timeout_s": args.decode_timeout_s,
+            "upload_first_chunk_timeout_s": args.upload_first_chunk_timeout_s,
+            "upload_min_bytes_per_s": args.upload_min_bytes_per_s,
             "metrics_port": args.metrics_port,
             "health_port": args.health_port,
             "oom_cpu_fallback": args.oom_cpu_fallback,
@@ -504,16 +602,23 @@ def main(argv: list[str] | None = None) -> int:
             "default_models": ",".join(args.default_model) if args.default_model else None,
         }
         from inference.api.security import load_security
+        from inference.api.server import StartupError, exit_leaving_stuck_threads
         from inference.metrics import configure_logging
 
         try:
             config = load_config(cli, config_file=args.config)
             security = load_security(config)
-        except (ValueError, OSError) as exc:
+            _check_can_start(config)
+        except (ValueError, OSError, StartupError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         configure_logging(config.log_level, config.log_format)
-        return asyncio.run(serve(config, security))
+        try:
+            code = asyncio.run(serve(config, security))
+        except StartupError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            code = 2
+        return exit_leaving_stuck_threads(code)
     if args.command == "read":
         return _read(args)
     if args.command == "models":
@@ -532,6 +637,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if report.ok else 1
     if args.command == "triton":
         return _triton(args)
+    if args.command == "bridge":
+        from inference.bridge.cli import main as bridge_main
+
+        return bridge_main(args)
     if args.command == "eval":
         from inference.evaluation.cli import main as eval_main
 

@@ -85,8 +85,30 @@ class ServerConfig:
     log_level: str = "INFO"
     log_format: str = "text"  # text | json (one object per line: ts, level, logger, request_id, msg)
     limits: InputLimits = field(default_factory=InputLimits)
-    # Admission control: a read beyond this many in flight gets UNAVAILABLE before its payload is received.
+    # Admission (inference/api/admission.py; README "Limits"): reads being computed (decoded, preprocessed, run);
+    # a read beyond them gets UNAVAILABLE, before its payload is received when they are all taken. Reads receiving
+    # their payload are counted apart (max_uploads), so slow uploads cannot take compute slots, and each client
+    # (its tenant with --auth-tokens, else its IP address) may have max_reads_per_client reads in progress.
     max_in_flight: int = 64
+    max_uploads: int = 256
+    max_reads_per_client: int = 128
+    # Reads are admitted by their estimated peak memory against this budget (GB; 0: half the machine's or the
+    # container's memory); one that does not fit waits up to its deadline or max_admission_wait_s (then UNAVAILABLE),
+    # one larger than the whole budget gets RESOURCE_EXHAUSTED. Uploaded bytes count as they arrive.
+    memory_budget_gb: float = 0.0
+    max_admission_wait_s: float = 120.0
+    # The receive deadline (inference/api/upload.py ReceivePolicy): the first chunk within
+    # upload_first_chunk_timeout_s, then at least upload_min_bytes_per_s on average after upload_rate_grace_s.
+    upload_first_chunk_timeout_s: float = 30.0
+    upload_min_bytes_per_s: float = 16 * 1024
+    upload_rate_grace_s: float = 30.0
+    # Streamed DICOM and NIfTI payloads are decoded in this many worker processes (0: in the I/O threads), killed
+    # and replaced when a decode runs past decode_timeout_s (RESOURCE_EXHAUSTED) or its read is cancelled.
+    decode_workers: int = 2
+    decode_timeout_s: float = 120.0
+    # Health turns NOT_SERVING while every I/O thread (or every decode worker) has been on one job for longer than
+    # this, and SERVING again once one is free: a probe takes a wedged server out of rotation.
+    stall_timeout_s: float = 180.0
     # A work item that runs out of GPU memory even alone is run on a CPU copy of the network.
     oom_cpu_fallback: bool = True
     # Prometheus metrics at http://HOST:metrics_port/metrics; 0 disables them.
@@ -118,7 +140,10 @@ class ServerConfig:
     # environment and CLI: "CT=lung_nodule_ct,MR=brain_lesion_mr"; entries override the defaults, and an
     # empty name ("MR=") drops a modality's preference.
     model_poll_interval_s: float = 10.0
+    # LoadModel and UnloadModel: served to operators only (a tenant with role: operator in the tokens file; none
+    # without one), for paths under model_roots (absolute, no `..`; empty: the repository `models` only).
     allow_model_management: bool = True
+    model_roots: tuple[Path, ...] = ()
     default_models: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_MODELS))
 
     def __post_init__(self) -> None:
@@ -142,6 +167,28 @@ class ServerConfig:
             raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
         if self.max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight!r}")
+        for name in ("max_uploads", "max_reads_per_client"):
+            if not 1 <= getattr(self, name) <= 100_000:
+                raise ValueError(f"{name} must be in [1, 100000], got {getattr(self, name)!r}")
+        if not 0 <= self.memory_budget_gb <= 1e5:
+            raise ValueError(
+                f"memory_budget_gb must be in [0, 100000] (0: from the machine), got {self.memory_budget_gb!r}"
+            )
+        for name in (
+            "max_admission_wait_s",
+            "decode_timeout_s",
+            "stall_timeout_s",
+            "upload_first_chunk_timeout_s",
+            "upload_rate_grace_s",
+        ):
+            if not 0 < getattr(self, name) <= 86_400:
+                raise ValueError(f"{name} must be in (0, 86400], got {getattr(self, name)!r}")
+        if not 0 <= self.upload_min_bytes_per_s <= 1e10:
+            raise ValueError(f"upload_min_bytes_per_s must be in [0, 1e10], got {self.upload_min_bytes_per_s!r}")
+        if not 0 <= self.decode_workers <= 64:
+            raise ValueError(
+                f"decode_workers must be in [0, 64] (0: decode in the I/O threads), got {self.decode_workers!r}"
+            )
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in [0, 65535] (0 disables metrics), got {self.metrics_port!r}")
         if self.metrics_port and self.metrics_port == self.port:
@@ -159,13 +206,14 @@ class ServerConfig:
             )
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError(f"tls_client_ca ({self.tls_client_ca!r}) needs tls_cert and tls_key (mutual TLS is TLS)")
-        roots = []
-        for root in self.ingest_roots:
-            path = Path(root).expanduser()
-            if not path.is_dir():
-                raise ValueError(f"ingest_roots entries must be existing directories, got {str(root)!r}")
-            roots.append(path.resolve())
-        object.__setattr__(self, "ingest_roots", tuple(roots))
+        for name in ("ingest_roots", "model_roots"):
+            roots = []
+            for root in getattr(self, name):
+                path = Path(root).expanduser()
+                if not path.is_dir():
+                    raise ValueError(f"{name} entries must be existing directories, got {str(root)!r}")
+                roots.append(path.resolve())
+            object.__setattr__(self, name, tuple(roots))
         if not 0 <= self.model_poll_interval_s <= 86_400:
             raise ValueError(
                 f"model_poll_interval_s must be in [0, 86400] (0 disables polling), got {self.model_poll_interval_s!r}"
@@ -189,7 +237,7 @@ def _coerce(cls: type, name: str, raw: Any) -> Any:
     kind = type(getattr(cls(), name)) if default.default is dataclasses.MISSING else type(default.default)
     if isinstance(raw, kind) and kind is not tuple:
         return raw
-    if kind is tuple:  # ingest_roots: a YAML list, or an os.pathsep-separated string (environment, CLI)
+    if kind is tuple:  # ingest_roots, model_roots: a YAML list, or an os.pathsep-separated string (environment, CLI)
         items = raw.split(os.pathsep) if isinstance(raw, str) else raw
         if not isinstance(items, list | tuple):
             raise ValueError(f"{name} must be a list of paths, got {raw!r}")
@@ -235,7 +283,12 @@ def load_config(
     limits: dict[str, Any] = {}
     triton: dict[str, Any] = {}
     if config_file is not None:
-        data = yaml.safe_load(Path(config_file).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(config_file).read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            raise ValueError(f"{config_file} is not valid YAML{where}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{config_file}: the configuration must be a mapping")
         limits.update(_merge(InputLimits, data.get("limits") or {}, f"{config_file}: limits"))

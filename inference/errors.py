@@ -11,6 +11,32 @@ health to NOT_SERVING.
 
 from __future__ import annotations
 
+import re
+
+# C0 and C1 control characters, DEL, and the Unicode line and paragraph separators: what could end a log line or
+# rewrite a terminal. escape_text writes them (and any other non-ASCII character) as Python escapes.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_VALUE_CHARS = 64
+
+
+def escape_text(text: str, max_chars: int | None = None) -> str:
+    """``text`` as one line of printable ASCII: control characters and non-ASCII written as escapes (``\\n``,
+    ``\\x00``, ``\\xe9``, ``\\u2028``), cut to ``max_chars`` characters (then ``...``) when given.
+
+    Every value taken from an uploaded file or a request that reaches a status message or the log goes through
+    this (or :func:`quote`), so no file can forge a log line, hide text from a terminal or flood a message.
+    """
+    escaped = str(text).encode("ascii", "backslashreplace").decode("ascii")
+    escaped = _CONTROL.sub(lambda m: repr(m.group())[1:-1], escaped)
+    if max_chars is not None and len(escaped) > max_chars:
+        escaped = escaped[:max_chars] + "..."
+    return escaped
+
+
+def quote(value: object, max_chars: int = MAX_VALUE_CHARS) -> str:
+    """A value from a file or a request, for a message: escaped as :func:`escape_text`, cut, in single quotes."""
+    return "'" + escape_text(str(value), max_chars) + "'"
+
 
 class RadserveError(Exception):
     """Root of all radserve errors. ``code`` is the name of a ``grpc.StatusCode`` member."""
@@ -66,6 +92,12 @@ class BackendUnavailableError(RadserveError):
 
 class DeadlineExceededError(RadserveError):
     code = "DEADLINE_EXCEEDED"
+
+
+class InputTooSmallError(RadserveError):
+    """A valid study smaller than the model can read (one slice, a tiny image): the model's declared minimum."""
+
+    code = "FAILED_PRECONDITION"
 
 
 class ShuttingDownError(RadserveError):

@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 
 from inference.api.interceptors import AUDITED_METHODS, CallRecord, request_id_var
 from inference.backends.torch import pinned_host_memory_bytes
+from inference.errors import escape_text
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +139,30 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT`` lines whose message is one line of printable ASCII (:func:`inference.errors.escape_text`):
+    a newline, carriage return or other control character in a logged value, wherever it came from, is written as an
+    escape, so no value can forge a log line. A traceback (the ``exc_info`` of a record, or the redacted one the
+    error interceptor passes as ``extra={"traceback": ...}``) follows on its own lines, indented, as the only
+    multi-line part of a record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = escape_text(record.getMessage())
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        extra = getattr(record, "traceback", None)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        for block in (extra, record.exc_text):
+            if block:
+                line += "\n" + "\n".join("    " + escape_text(part) for part in str(block).splitlines())
+        return line
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, request_id, msg (+ ``audit`` fields, + exc)."""
+    """One JSON object per line: ts, level, logger, request_id, msg (+ ``audit`` fields, + exc); control characters
+    and non-ASCII in values are escaped by JSON itself."""
 
     def format(self, record: logging.LogRecord) -> str:
         body: dict[str, Any] = {
@@ -154,6 +177,8 @@ class JsonFormatter(logging.Formatter):
             body["audit"] = audit
         if record.exc_info:
             body["exc"] = self.formatException(record.exc_info)
+        elif getattr(record, "traceback", None):
+            body["exc"] = str(record.traceback)
         return json.dumps(body, default=str)
 
 
@@ -166,5 +191,5 @@ def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
         raise ValueError(f"log_format must be 'text' or 'json', got {log_format!r}")
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestIdFilter())
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

@@ -1,16 +1,21 @@
 """`radserve soak`: a bounded load test of a loopback server that must lose no read and leak no memory.
 
-N client threads send reads until ``duration_s`` or ``max_reads``: about 80 % valid studies (small chest CT
-phantoms with planted nodules, as raw arrays and as a DICOM series), 15 % malformed ones each with its
-expected status (not DICOM and a raw array of the wrong size -> INVALID_ARGUMENT, an unknown model ->
-NOT_FOUND) and 5 % with a 50 ms deadline (DEADLINE_EXCEEDED, or OK when it finished in time). The first reads
-go through every kind once. Violations:
+N client threads send reads until ``duration_s`` or ``max_reads`` (:data:`MIX` gives the shares): valid studies
+of every modality the server reads (small chest CT phantoms with planted nodules as raw arrays and as a DICOM
+series, brain MR and chest X-ray phantoms as DICOM), malformed ones each with its expected status (not DICOM and a
+raw array of the wrong size -> INVALID_ARGUMENT, an unknown model -> NOT_FOUND), the hostile classes of issue #12
+(a deflated file padded after its stream, an upload that sends its header and nothing else, implausible spacing and
+rescale values, an unknown payload kind, a TransferSyntaxUID forging a log line, a tiny upload that would resample
+into gigabytes, a one-slice MR), and reads with a 50 ms deadline (DEADLINE_EXCEEDED, or OK when they finished in
+time). Kinds for a modality no loaded model reads are left out. The first reads go through every kind once.
+Violations:
 
-* a read that ended with neither its findings nor its expected status (a lost read); a valid read must
-  find each planted nodule;
+* a read that ended with neither its findings nor its expected status (a lost read); a valid CT read must
+  find each planted nodule (MR and X-ray reads must answer OK: the soak checks the service, the model cards
+  the models);
 * the server restarted (its pid's start time changed, or it is gone) or stopped answering health;
-* the server's resident memory (VmRSS) grew by more than ``max_rss_growth_mb`` between the end of the
-  warm-up (the first fifth of the run) and the end.
+* the resident memory (VmRSS) of the server and its child processes (decode workers) together grew by more
+  than ``max_rss_growth_mb`` between the end of the warm-up (the first fifth of the run) and the end.
 
 Targets are loopback only: a soak is a load test, not something to point at a production server.
 """
@@ -18,6 +23,7 @@ Targets are loopback only: a soak is a load test, not something to point at a pr
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import random
@@ -25,6 +31,7 @@ import statistics
 import tempfile
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +43,7 @@ import numpy as np
 from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.api.security import is_loopback
 from inference.client import ReadingClient, channel_credentials
+from inference.errors import escape_text
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +52,27 @@ SHORT_DEADLINE_S = 0.05
 READ_TIMEOUT_S = 300.0
 # kind -> share of the reads; the expected status of each kind is in Case.expected.
 MIX = {
-    "valid_raw": 0.55,
-    "valid_dicom": 0.25,
-    "not_dicom": 0.05,
-    "bad_raw_shape": 0.05,
-    "unknown_model": 0.05,
+    "valid_raw": 0.32,
+    "valid_dicom": 0.14,
+    "valid_mr": 0.07,
+    "valid_dx": 0.07,
+    "not_dicom": 0.03,
+    "bad_raw_shape": 0.03,
+    "unknown_model": 0.03,
     "short_deadline": 0.05,
+    # the hostile classes of issue #12
+    "deflate_padded": 0.03,
+    "idle_stream": 0.03,
+    "implausible_spacing": 0.03,
+    "implausible_rescale": 0.03,
+    "unknown_payload_kind": 0.03,
+    "forged_syntax": 0.03,
+    "huge_grid": 0.03,
+    "one_slice_mr": 0.03,
 }
+# Which model a kind needs (left out when the server has none of that name).
+NEEDS = {"valid_mr": "brain_lesion_mr", "valid_dx": "chest_xray", "one_slice_mr": "brain_lesion_mr"}
+IDLE_STREAM_GUARD_S = 300.0  # the client's own deadline on an idle stream; the server's receive deadline is sooner
 
 
 @dataclass(frozen=True)
@@ -94,6 +116,8 @@ class Case:
     expected: frozenset[str]  # gRPC status names; "OK" means findings that match the planted truth
     truth_mm: tuple[tuple[float, float, float, float], ...] = ()  # (x, y, z, diameter) of planted nodules
     timeout_s: float = READ_TIMEOUT_S
+    detail: str = ""  # a failure's status message must hold this (tells the server's deadline from the client's)
+    idle: bool = False  # send the header, then nothing: the server must end the stream
 
 
 @dataclass
@@ -123,7 +147,7 @@ class SoakReport:
         for kind in MIX:
             if kind in by_kind:
                 codes = ", ".join(f"{code} {n}" for code, n in sorted(by_kind[kind].items()))
-                lines.append(f"  {kind:<15} {sum(by_kind[kind].values()):>5}  {codes}")
+                lines.append(f"  {kind:<20} {sum(by_kind[kind].values()):>5}  {codes}")
         valid = sorted(o.latency_s for o in self.outcomes if o.kind.startswith("valid") and o.code == "OK")
         if valid:
             p95 = valid[min(len(valid) - 1, int(0.95 * len(valid)))]
@@ -142,8 +166,10 @@ def _raw_header(volume: object) -> pb.RawArray:
     return pb.RawArray(dtype="float32", shape=volume.shape, affine=np.asarray(volume.affine).ravel().tolist())
 
 
-def build_cases(seed: int = 0) -> dict[str, list[Case]]:
-    """Small chest CTs (one 96^3 patch each after resampling) with one 16 mm nodule, and the malformed reads."""
+def build_cases(seed: int = 0, models: set[str] | None = None) -> dict[str, list[Case]]:
+    """Small chest CTs (one 96^3 patch each after resampling) with one 16 mm nodule, brain MR and chest X-ray
+    phantoms, the malformed and the hostile reads. ``models``: the loaded model names (kinds needing another are
+    left out; None: all)."""
     from inference.phantoms import make_chest_ct, write_dicom_series
 
     cases: dict[str, list[Case]] = {kind: [] for kind in MIX}
@@ -176,7 +202,110 @@ def build_cases(seed: int = 0) -> dict[str, list[Case]]:
             )
     junk = b"this is not a DICOM file\n" * 400
     cases["not_dicom"].append(Case("not_dicom", (junk,), pb.DICOM_FILES, {}, frozenset({"INVALID_ARGUMENT"})))
+    _add_other_modalities(cases, seed)
+    _add_hostile(cases, series)
+    for kind, model in NEEDS.items():
+        if models is not None and model not in models:
+            cases[kind] = []
     return cases
+
+
+def _dicom_bytes(paths: list[Path]) -> tuple[bytes, ...]:
+    return tuple(Path(p).read_bytes() for p in paths)
+
+
+def _add_other_modalities(cases: dict[str, list[Case]], seed: int) -> None:
+    from inference.phantoms import make_brain_mr, make_chest_xray, write_dicom_series, write_xray_dicom
+
+    mr = make_brain_mr(seed + 7, shape=(64, 80, 12), pixel_spacing_mm=1.2, slice_spacing_mm=4.0, n_lesions=1)
+    xray = make_chest_xray(seed + 3, size_px=(1024, 1152), n_opacities=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        mr_files = _dicom_bytes(write_dicom_series(mr, Path(tmp) / "mr"))
+        xray_file = Path(write_xray_dicom(xray, Path(tmp) / "dx.dcm")).read_bytes()
+    ok = frozenset({"OK"})
+    cases["valid_mr"].append(Case("valid_mr", mr_files, pb.DICOM_FILES, {"model": "brain_lesion_mr"}, ok))
+    cases["valid_dx"].append(Case("valid_dx", (xray_file,), pb.DICOM_FILES, {"model": "chest_xray"}, ok))
+
+
+def _with_element(data: bytes, **attrs: object) -> bytes:
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def padded_deflated_slice() -> bytes:
+    """A one-slice deflated CT whose odd-length deflate stream is padded with a byte and which inflates past one
+    4 MiB step: what wedged a decode thread for good before the reader stopped at the end of the stream."""
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from inference.io.volume import Volume
+    from inference.phantoms import write_dicom_series
+
+    for rows in range(1500, 1600):
+        volume = Volume(np.zeros((1536, rows, 1), dtype=np.float32), np.eye(4), "CT")
+        with tempfile.TemporaryDirectory() as tmp:
+            ds = pydicom.dcmread(write_dicom_series(volume, Path(tmp))[0])
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        deflated = out.getvalue()
+        group_length = int.from_bytes(deflated[140:144], "little")
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        inflater.decompress(deflated[144 + group_length :])
+        if len(inflater.unused_data) == 1:
+            return deflated
+    raise RuntimeError("no odd-length deflate stream found")
+
+
+FORGED_SYNTAX = "1.2.3\n2024-01-01 00:00:00,000 INFO radserve.audit [-]: read forged status=OK\x00"
+
+
+def forged_syntax(data: bytes) -> bytes:
+    """``data`` (explicit VR little endian) with a TransferSyntaxUID that holds a newline and a forged log line."""
+    old = b"1.2.840.10008.1.2.1\0"
+    new = FORGED_SYNTAX.encode()
+    new += b"\0" * (len(new) % 2)
+    patched = data.replace(len(old).to_bytes(2, "little") + old, len(new).to_bytes(2, "little") + new, 1)
+    group_length = int.from_bytes(patched[140:144], "little") + len(new) - len(old)
+    return patched[:140] + group_length.to_bytes(4, "little") + patched[144:]
+
+
+def _add_hostile(cases: dict[str, list[Case]], series: tuple[bytes, ...]) -> None:
+    from pydicom.data import get_testdata_file
+
+    invalid, ct = frozenset({"INVALID_ARGUMENT"}), {"modality": "CT"}
+
+    def add(kind: str, payloads: tuple[bytes, ...], payload_kind: int, header: dict, expected: str, **kw) -> None:
+        cases[kind].append(Case(kind, payloads, payload_kind, header, frozenset({expected}), **kw))
+
+    add("deflate_padded", (padded_deflated_slice(),), pb.DICOM_FILES, {}, "FAILED_PRECONDITION")
+    add("idle_stream", (), pb.RAW, ct, "DEADLINE_EXCEEDED", detail="no payload arrived", idle=True,
+        timeout_s=IDLE_STREAM_GUARD_S)  # fmt: skip
+    spacing = {**ct, "raw": pb.RawArray(dtype="int16", shape=[8, 8, 8], spacing_mm=[1e300, 1.0, 1.0])}
+    cases["implausible_spacing"].append(
+        Case("implausible_spacing", (bytes(1024),), pb.RAW, spacing, invalid, detail="plausible range")
+    )
+    rescaled = tuple(_with_element(f, RescaleSlope=1e308) for f in series[:2])
+    cases["implausible_rescale"].append(
+        Case("implausible_rescale", rescaled, pb.DICOM_FILES, {}, invalid, detail="plausible range")
+    )
+    cases["unknown_payload_kind"].append(
+        Case("unknown_payload_kind", (b"a", b"b"), 99, {}, invalid, detail="not a known PayloadKind")
+    )
+    forged = (forged_syntax(series[0]),)
+    cases["forged_syntax"].append(  # native pixel data under an unknown syntax: INVALID_ARGUMENT, escaped
+        Case("forged_syntax", forged, pb.DICOM_FILES, {}, invalid | {"UNIMPLEMENTED"}, detail="1.2.3\\n2024")
+    )
+    grid = {**ct, "raw": pb.RawArray(dtype="int16", shape=[64, 64, 16], spacing_mm=[15.0, 15.0, 15.0])}
+    add("huge_grid", (bytes(64 * 64 * 16 * 2),), pb.RAW, grid, "RESOURCE_EXHAUSTED", detail="max_upsampling")
+    one_slice = (Path(get_testdata_file("MR_small.dcm")).read_bytes(),)
+    add("one_slice_mr", one_slice, pb.DICOM_FILES, {}, "FAILED_PRECONDITION", detail="input.min_shape")
 
 
 def check_findings(response: pb.ReadResponse, truth_mm: tuple[tuple[float, float, float, float], ...]) -> str:
@@ -189,19 +318,31 @@ def check_findings(response: pb.ReadResponse, truth_mm: tuple[tuple[float, float
     return ""
 
 
+def _idle_requests(case: Case, stop: threading.Event):
+    yield pb.ReadRequest(header=pb.ReadHeader(payload=case.payload_kind, **case.header))
+    stop.wait(case.timeout_s)
+
+
 def run_case(client: ReadingClient, case: Case) -> Outcome:
     start = time.perf_counter()
+    stop = threading.Event()
     try:
-        response = client.read(
-            list(case.payloads), payload_kind=case.payload_kind, timeout_s=case.timeout_s, **case.header
-        )
+        if case.idle:
+            response = client.stub.Read(_idle_requests(case, stop), timeout=case.timeout_s, metadata=client.metadata)
+        else:
+            response = client.read(
+                list(case.payloads), payload_kind=case.payload_kind, timeout_s=case.timeout_s, **case.header
+            )
         code, problem = "OK", ""
         if case.truth_mm:
             problem = check_findings(response, case.truth_mm)
     except grpc.RpcError as exc:
         code, problem = exc.code().name, ""
-        if code not in case.expected:
-            problem = f"{code}: {exc.details()}"
+        details = exc.details() or ""
+        if code not in case.expected or (case.detail and case.detail not in details):
+            problem = f"{code}: {escape_text(details, 300)}"
+    finally:
+        stop.set()
     latency = time.perf_counter() - start
     if code not in case.expected:
         problem = problem or f"got {code}, expected {' or '.join(sorted(case.expected))}"
@@ -220,7 +361,7 @@ def process_start_ticks(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])  # field 22, counted after the command name
 
 
-def rss_mb(pid: int) -> float | None:
+def _own_rss_mb(pid: int) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -228,6 +369,24 @@ def rss_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(c) for c in task.read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def rss_mb(pid: int) -> float | None:
+    """VmRSS of ``pid`` and of its descendants (the decode workers), in MB; None when ``pid`` is gone."""
+    own = _own_rss_mb(pid)
+    if own is None:
+        return None
+    return own + sum(rss_mb(child) or 0.0 for child in _children(pid))
 
 
 class _RssMonitor(threading.Thread):
@@ -254,7 +413,12 @@ class _RssMonitor(threading.Thread):
 
 def run_soak(config: SoakConfig, *, health: Callable[[], bool] | None = None) -> SoakReport:
     """Run the soak against ``config.target``; ``health`` says whether the server still answers SERVING."""
-    cases = build_cases(config.seed)
+    probe = ReadingClient(config.target, ca=config.ca, cert=config.cert, key=config.key, token=config.token)
+    try:
+        models = {m.name for m in probe.list_models(timeout_s=30).models}
+    finally:
+        probe.close()
+    cases = build_cases(config.seed, models)
     kinds = [k for k in MIX if cases[k]]
     rng = random.Random(config.seed)
     plan_lock = threading.Lock()
@@ -338,7 +502,13 @@ def run_from_args(args: argparse.Namespace) -> SoakReport:
     target, pid = args.server, args.server_pid
     if args.spawn:
         log_dir = Path(tempfile.mkdtemp(prefix="radserve-soak-"))
-        proc = ServerProcess(models=args.models, device="auto", log_path=log_dir / "server.log")
+        # A receive deadline of 3 s, so that the idle streams end soon (the default is 30 s).
+        proc = ServerProcess(
+            models=args.models,
+            device="auto",
+            log_path=log_dir / "server.log",
+            extra_args=["--upload-first-chunk-timeout-s", "3"],
+        )
         logger.info("starting a server for the soak (log: %s)", proc.log_path)
         proc.start()
         target, pid = proc.target, proc.process.pid

@@ -25,7 +25,7 @@ from typing import Any
 
 import grpc
 
-from inference.errors import RadserveError
+from inference.errors import RadserveError, escape_text
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 audit_logger = logging.getLogger("radserve.audit")
 AUDITED_METHODS = frozenset({"/radserve.v1.ReadingService/Read", "/radserve.v1.ReadingService/ReadStreamed"})
 DEADLINE_SLACK_S = 0.25  # a call cancelled this close to its deadline is counted as DEADLINE_EXCEEDED
+MAX_STATUS_MESSAGE_CHARS = 2000  # a status message, after escaping (a message quoting many values is cut here)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class CallRecord:
     code: str = "UNKNOWN"  # grpc.StatusCode name
     duration_ms: float = 0.0
     timing_ms: dict[str, float] = field(default_factory=dict)  # stage timings of a successful read
+    closed: bool = field(default=False, repr=False)  # audited and counted already
 
     def audit_fields(self) -> dict[str, Any]:
         return {
@@ -91,11 +93,17 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, meth
     request_id = request_id_var.get()
     if isinstance(exc, RadserveError):
         code = grpc.StatusCode[exc.code]
+        # Messages quote values from files and requests, escaped where they are written; escaped here again, so that
+        # no message, whoever wrote it, can break a log line or carry a control character to a client.
+        message = escape_text(exc.message, MAX_STATUS_MESSAGE_CHARS)
         log = logger.error if code == grpc.StatusCode.INTERNAL else logger.info
-        log("request %s %s -> %s: %s", request_id, method, code.name, exc.message)
-        await context.abort(code, exc.message)
+        log("request %s %s -> %s: %s", request_id, method, code.name, message)
+        await context.abort(code, message)
     logger.error(
-        "request %s %s failed with an unexpected error\n%s", request_id, method, redacted_traceback(exc).rstrip()
+        "request %s %s failed with an unexpected error",
+        request_id,
+        method,
+        extra={"traceback": redacted_traceback(exc).rstrip()},
     )
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); see the server log")
 
@@ -118,7 +126,11 @@ def redacted_traceback(exc: BaseException) -> str:
         parts.append("Traceback (most recent call last):\n")
         parts.extend(traceback.format_tb(error.__traceback__))
         kind = f"{type(error).__module__}.{type(error).__qualname__}"
-        message = error.message if isinstance(error, RadserveError) else "<message withheld: may quote patient data>"
+        message = (
+            escape_text(error.message, MAX_STATUS_MESSAGE_CHARS)
+            if isinstance(error, RadserveError)
+            else "<message withheld: may quote patient data>"
+        )
         parts.append(f"{kind}: {message}\n")
     return "".join(parts)
 
@@ -155,13 +167,13 @@ def _wrap(
             raise
         except Exception as exc:
             record.code = _status_of(exc)
+            # Recorded before the abort: it sends the status to the client before it returns, and a client that
+            # then reads the metrics or the audit log must find its call there.
+            _close(record, start, on_done)
             await _abort_for(exc, context, method)
         finally:
-            record.duration_ms = (time.perf_counter() - start) * 1e3
-            if record.request_id == "-":
-                record.request_id = request_id_var.get()
             call_record_var.reset(reset)
-            _finish(record, on_done)
+            _close(record, start, on_done)
 
     return wrapper
 
@@ -191,17 +203,26 @@ def _wrap_stream(
             raise
         except Exception as exc:
             record.code = _status_of(exc)
+            _close(record, start, on_done)  # before the abort sends the status, as in _wrap
             await _abort_for(exc, context, method)
         finally:
-            record.duration_ms = (time.perf_counter() - start) * 1e3
-            if record.request_id == "-":
-                record.request_id = request_id_var.get()
             # A generator abandoned mid-stream is closed later from another context, where the reset cannot apply.
             with contextlib.suppress(ValueError):
                 call_record_var.reset(reset)
-            _finish(record, on_done)
+            _close(record, start, on_done)
 
     return wrapper
+
+
+def _close(record: CallRecord, start: float, on_done: Callable[[CallRecord], None] | None) -> None:
+    """Complete ``record`` and hand it to the audit log and ``on_done``, once per call."""
+    if record.closed:
+        return
+    record.closed = True
+    record.duration_ms = (time.perf_counter() - start) * 1e3
+    if record.request_id == "-":
+        record.request_id = request_id_var.get()
+    _finish(record, on_done)
 
 
 def _finish(record: CallRecord, on_done: Callable[[CallRecord], None] | None) -> None:

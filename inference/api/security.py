@@ -9,10 +9,15 @@
       research:                   # tenant with a model allow-list
         token: 9a3e...
         models: [lung_nodule_ct]
+      ops:                        # an operator: may also load and unload models (LoadModel, UnloadModel)
+        token: 51c0...
+        role: operator
 
   A call to the ReadingService carries the metadata ``authorization: Bearer <token>``; a missing or unknown
   token gets UNAUTHENTICATED, a model the tenant may not use PERMISSION_DENIED (checked by the servicer
-  through :data:`tenant_var`, once it knows the model). Health and reflection stay open for probes.
+  through :data:`tenant_var`, once it knows the model). Health and reflection stay open for probes. Model
+  management is an operator's act: only a tenant with ``role: operator`` may call LoadModel and UnloadModel, so a
+  server without a tokens file has it off.
 
 Tokens are compared in constant time and never logged or quoted in an error.
 """
@@ -40,6 +45,8 @@ from inference.errors import RadserveError
 logger = logging.getLogger(__name__)
 
 PROTECTED_SERVICE_PREFIX = "/radserve.v1.ReadingService/"
+OPERATOR = "operator"
+ROLES = ("reader", OPERATOR)
 _BEARER = "bearer "
 
 
@@ -60,12 +67,19 @@ class Tenant:
     name: str
     token: str = field(repr=False)  # never logged
     models: frozenset[str] | None = None  # None: every model
+    role: str = "reader"  # reader | operator (may load and unload models, sees where they are loaded from)
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("a tenant name must be non-empty")
         if not self.token:
             raise ValueError(f"tenant {self.name!r}: the token must be a non-empty string")
+        if self.role not in ROLES:
+            raise ValueError(f"tenant {self.name!r}: role must be one of {ROLES}, got {self.role!r}")
+
+    @property
+    def is_operator(self) -> bool:
+        return self.role == OPERATOR
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -104,13 +118,18 @@ class TokenTable:
                 continue
             if not isinstance(entry, Mapping) or not isinstance(entry.get("token"), str):
                 raise ValueError(f"{source}: tenant {name!r} must map to a token or to {{token: ..., models: [...]}}")
-            unknown = sorted(set(entry) - {"token", "models"})
+            unknown = sorted(set(entry) - {"token", "models", "role"})
             if unknown:
-                raise ValueError(f"{source}: tenant {name!r} has unknown keys {unknown}; known are ['models', 'token']")
+                raise ValueError(
+                    f"{source}: tenant {name!r} has unknown keys {unknown}; known are ['models', 'role', 'token']"
+                )
             models = entry.get("models")
             if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) for m in models)):
                 raise ValueError(f"{source}: tenant {name!r}: models must be a list of model names")
-            tenants.append(Tenant(str(name), entry["token"], None if models is None else frozenset(models)))
+            role = entry.get("role", "reader")
+            tenants.append(
+                Tenant(str(name), entry["token"], None if models is None else frozenset(models), role=str(role))
+            )
         return cls(tenants)
 
     @classmethod

@@ -11,14 +11,23 @@ import contextlib
 import functools
 import hashlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
 from inference.api import upload as uploads
+from inference.api.admission import (
+    Admission,
+    AdmissionConfig,
+    check_for_model,
+    client_key,
+    estimate_peak_bytes,
+)
 from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.api.gen.radserve.v1 import reading_pb2_grpc as pb_grpc
 from inference.api.ingest import IngestPolicy
@@ -32,9 +41,13 @@ from inference.errors import (
     LimitExceededError,
     OverloadedError,
     ShuttingDownError,
+    escape_text,
+    quote,
 )
 from inference.io.dicom import hash_uid
 from inference.io.limits import InputLimits
+from inference.io.volume import Volume
+from inference.io.workers import DecodeJob, DecodeWorkers
 from inference.modelrepo.registry import ModelListing, ModelRegistry, VersionState
 from inference.outputs.algorithm import Algorithm
 from inference.outputs.derived import DerivedObjects, build_derived
@@ -105,7 +118,14 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         allow_model_management: bool = True,
         max_message_bytes: int = 64 * 1024 * 1024,
         output_chunk_bytes: int = 4 * 1024 * 1024,
+        admission: AdmissionConfig | None = None,
+        model_roots: tuple[Path, ...] = (),
+        receive_policy: uploads.ReceivePolicy | None = None,
+        decode_workers: DecodeWorkers | None = None,
     ) -> None:
+        """``admission``: the upload, per-client, compute and memory gates (``max_in_flight`` is used when it is
+        None); ``receive_policy``: the receive deadline; ``decode_workers``: where streamed DICOM and NIfTI payloads
+        are decoded (None: in ``io_executor``'s threads)."""
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight!r}")
         if output_chunk_bytes < 1:
@@ -117,25 +137,36 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         self._limits = limits
         self._io_executor = io_executor
         self._ingest = ingest or IngestPolicy()  # default: payloads referenced by the header are refused
-        self.max_in_flight = max_in_flight
+        self.admission = Admission(admission or AdmissionConfig(max_in_flight=max_in_flight))
+        self.max_in_flight = self.admission.config.max_in_flight
+        self.receive_policy = receive_policy or uploads.ReceivePolicy()
+        self.decode_workers = decode_workers
+        self.model_roots = tuple(model_roots)  # LoadModel paths must lie under one (empty: the repository)
         self.allow_model_management = allow_model_management
         self.max_message_bytes = max_message_bytes
         self.output_chunk_bytes = output_chunk_bytes
-        self.draining = False
-        self.in_flight = 0
+        self.in_flight = 0  # reads from their first message to their end, in every phase
+
+    @property
+    def draining(self) -> bool:
+        return self.admission.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.admission.draining = value
 
     @contextlib.asynccontextmanager
-    async def _admitted(self) -> AsyncIterator[None]:
-        """Admission control, before any byte of the payload is received; counts the read in flight until it ends."""
-        if self.draining:
-            raise ShuttingDownError("server is shutting down; retry on another replica")
-        if self.in_flight >= self.max_in_flight:
-            raise OverloadedError(f"server is at its limit of {self.max_in_flight} reads in flight; retry later")
-        self.in_flight += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
+    async def _admitted(self, context: grpc.aio.ServicerContext | None = None) -> AsyncIterator[None]:
+        """The per-client cap and the upload gate (inference.api.admission), before any byte of the payload is
+        received; the read counts in flight until it ends."""
+        tenant = tenant_var.get()
+        peer = context.peer() if context is not None else ""
+        with self.admission.read(client_key(tenant.name if tenant is not None else None, peer)):
+            self.in_flight += 1
+            try:
+                yield
+            finally:
+                self.in_flight -= 1
 
     async def _run(
         self, request_iterator: AsyncIterator[pb.ReadRequest], context: grpc.aio.ServicerContext
@@ -156,7 +187,21 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         time_remaining = context.time_remaining()
         deadline_s = None if time_remaining is None else time.monotonic() + time_remaining
         record = call_record_var.get()
-        upload = await uploads.receive(request_iterator, self._limits)
+        memory = self.admission.memory
+        held_upload_bytes = 0
+
+        def reserve_upload(n_bytes: int) -> None:
+            nonlocal held_upload_bytes
+            if not memory.try_reserve(n_bytes):
+                raise OverloadedError(
+                    f"this server's memory budget ({memory.total_bytes / 1e6:.0f} MB) is held by other reads and "
+                    "uploads; retry later"
+                )
+            held_upload_bytes += n_bytes
+
+        held.callback(lambda: memory.release(held_upload_bytes))
+        with self.admission.upload():
+            upload = await uploads.receive(request_iterator, self._limits, self.receive_policy, reserve_upload)
         request_id_var.set(upload.request_id)
         header = upload.header
         if record is not None:
@@ -169,7 +214,7 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
             raise InvalidInputError(f"header.outputs holds unknown OutputKind values {sorted(unknown)}")
         loop = asyncio.get_running_loop()
         decode_start = time.perf_counter()
-        volume = await loop.run_in_executor(self._io_executor, uploads.decode, upload, self._limits, self._ingest)
+        volume = await self._decode(upload, deadline_s)
         decode_ms = (time.perf_counter() - decode_start) * 1e3
         n_files = len(upload.files)
         if pb.DICOM_SEG not in wanted:
@@ -181,6 +226,8 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         if record is not None:
             record.model, record.model_version = runner.config.name, runner.config.version
             record.study_hash = hash_uid(volume.source.study_instance_uid) if volume.source is not None else ""
+        check_for_model(volume, runner.config, self._limits)
+        await held.enter_async_context(self.admission.compute(estimate_peak_bytes(volume, runner.config), deadline_s))
         if deadline_s is not None and time.monotonic() >= deadline_s:
             raise DeadlineExceededError(f"read {upload.request_id} passed its deadline before preprocessing")
         logger.info(
@@ -232,17 +279,47 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         )
         return ReadOutcome(summary, derived)
 
+    async def _decode(self, upload: uploads.Upload, deadline_s: float | None) -> Volume:
+        """The payload -> Volume: streamed DICOM and NIfTI in a decode worker process (inference.io.workers), which
+        is killed when the decode overruns or the read is cancelled; RAW arrays (a view and a cast, bounded by their
+        size) and payloads referenced by the header (a gateway on the server's host) in the I/O threads."""
+        header = upload.header
+        workers = self.decode_workers
+        if workers is None or uploads.is_referenced(header) or upload.payload not in (pb.DICOM_FILES, pb.NIFTI):
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._io_executor, uploads.decode, upload, self._limits, self._ingest)
+        if upload.payload == pb.DICOM_FILES:
+            job = DecodeJob(
+                "inference.io.dicom:read_dicom_series",
+                {"series_instance_uid": header.series_instance_uid or None, "limits": self._limits},
+                request_id=upload.request_id,
+            )
+        else:
+            if (header.modality or "CT") not in uploads.MODALITIES:
+                raise InvalidInputError(
+                    f"header.modality must be one of {uploads.MODALITIES}, got {quote(header.modality, 32)}"
+                )
+            if len(upload.files) != 1:
+                raise InvalidInputError(f"a NIFTI payload is one file, got {len(upload.files)}")
+            job = DecodeJob(
+                "inference.io.nifti:read_nifti",
+                {"modality": header.modality or "CT", "limits": self._limits},
+                single_payload=True,
+                request_id=upload.request_id,
+            )
+        return await workers.run(job, upload.files, deadline_s)
+
     async def Read(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[pb.ReadRequest], context: grpc.aio.ServicerContext
     ) -> pb.ReadResponse:
-        async with self._admitted():
+        async with self._admitted(context):
             outcome = await self._run(request_iterator, context)
             return self._single_response(outcome)
 
     async def ReadStreamed(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[pb.ReadRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ReadResponsePart]:
-        async with self._admitted():
+        async with self._admitted(context):
             outcome = await self._run(request_iterator, context)
             yield pb.ReadResponsePart(summary=outcome.summary)
             loop = asyncio.get_running_loop()
@@ -271,19 +348,50 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
     async def ListModels(  # noqa: N802 - gRPC method name
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
+        """Model names, versions and states; a tenant with an allow-list sees its models only, and only an operator
+        sees where versions were loaded from (server paths, also scrubbed from the reasons others see)."""
+        tenant = tenant_var.get()
+        operator = tenant is not None and tenant.is_operator
+        rows = [row for row in self._registry.list_models() if tenant is None or tenant.may_use(row.name)]
+        routes = self._registry.default_routes()
+        if tenant is not None and tenant.models is not None:
+            routes = {k: v for k, v in routes.items() if tenant.may_use(v.partition(":")[0])}
         return pb.ListModelsResponse(
-            models=[model_info(row) for row in self._registry.list_models()],
-            default_models=self._registry.default_routes(),
+            models=[model_info(row, with_paths=operator) for row in rows], default_models=routes
         )
 
     def _check_management(self, what: str) -> None:
+        """Model management is an operator's act: a tenant with ``role: operator`` in the tokens file."""
         if not self.allow_model_management:
             raise PermissionDeniedError(f"{what} is disabled on this server (allow_model_management is off)")
         tenant = tenant_var.get()
-        if tenant is not None and tenant.models is not None:
-            raise PermissionDeniedError(f"tenant {tenant.name!r} has a model allow-list and may not manage models")
+        if tenant is None:
+            raise PermissionDeniedError(
+                f"{what} needs an operator's token, and this server has no tokens file; start it with --auth-tokens "
+                "naming a tenant with role: operator"
+            )
+        if not tenant.is_operator:
+            raise PermissionDeniedError(f"tenant {tenant.name!r} is not an operator and may not manage models")
         if self.draining:
             raise ShuttingDownError("server is shutting down")
+
+    def _confined(self, raw: str) -> Path:
+        """A LoadModel path that lies under a model root, else PERMISSION_DENIED, in the same words whether or not
+        it exists, so that a refusal tells nothing about the server's disk. A relative path is taken from the
+        repository; ``..`` is refused outright (it could climb out of a root through a symlink the check cannot
+        see); symlinks inside a root are the operator's own (whoever can place one there can place the model)."""
+        repository = self._registry.repository
+        path = Path(raw)
+        if not path.is_absolute():
+            if repository is None:
+                raise InvalidInputError("LoadModelRequest.path is relative and this server has no model repository")
+            path = Path(repository).absolute() / path
+        roots = self.model_roots or ((Path(repository).absolute(),) if repository is not None else ())
+        if ".." in path.parts or not any(path.is_relative_to(root) for root in roots):
+            raise PermissionDeniedError(
+                "LoadModelRequest.path is outside this server's model roots (model_roots); put the model under one"
+            )
+        return path
 
     async def LoadModel(  # noqa: N802 - gRPC method name
         self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
@@ -291,15 +399,18 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         self._check_management("LoadModel")
         if not request.path:
             raise InvalidInputError("LoadModelRequest.path is empty; give a model, version or bundle directory")
-        logger.info("LoadModel %s", request.path)
-        loaded = await self._registry.load_path(request.path)
+        path = self._confined(request.path)
+        logger.info("LoadModel %s", escape_text(path, 300))
+        loaded = await self._registry.load_path(path)
         failed = [f"{name}:{state.version}: {state.reason}" for name, state, error in loaded if error]
         if failed:
             raise InvalidInputError(
                 f"{len(failed)} of {len(loaded)} model version(s) failed to load: " + "; ".join(failed)
             )
         names = {name for name, _, _ in loaded}
-        return pb.LoadModelResponse(models=[model_info(r) for r in self._registry.list_models() if r.name in names])
+        return pb.LoadModelResponse(
+            models=[model_info(r, with_paths=True) for r in self._registry.list_models() if r.name in names]
+        )
 
     async def UnloadModel(  # noqa: N802 - gRPC method name
         self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
@@ -307,30 +418,35 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         self._check_management("UnloadModel")
         if not request.model:
             raise InvalidInputError("UnloadModelRequest.model is empty")
-        logger.info("UnloadModel %s:%s", request.model, request.model_version or "*")
+        logger.info("UnloadModel %s:%s", escape_text(request.model, 64), escape_text(request.model_version or "*", 64))
         removed = await self._registry.unload(request.model, request.model_version or None)
         return pb.UnloadModelResponse(unloaded=removed)
 
 
-def version_to_proto(state: VersionState) -> pb.ModelVersion:
+# An absolute path in a reason (a load error quoting a file), for readers who may not see server paths.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/[^\s'\",:;)]+")
+
+
+def version_to_proto(state: VersionState, *, with_paths: bool = True) -> pb.ModelVersion:
+    """``with_paths``: the source directory, and reasons as they are (operators); else neither path."""
     return pb.ModelVersion(
         version=state.version,
         state=state.state,
         state_code=pb.VersionState.Value(f"VERSION_STATE_{state.state}"),
-        reason=state.reason,
-        source=state.source,
+        reason=state.reason if with_paths else _ABSOLUTE_PATH.sub("<path>", state.reason),
+        source=state.source if with_paths else "",
         weights_sha256=state.weights_sha256,
     )
 
 
-def model_info(row: ModelListing) -> pb.ModelInfo:
+def model_info(row: ModelListing, *, with_paths: bool = True) -> pb.ModelInfo:
     config = row.config
     return pb.ModelInfo(
         name=row.name,
         task=config.task if config is not None else "",
         modalities=config.modalities if config is not None else (),
         labels=config.labels if config is not None else (),
-        versions=[version_to_proto(v) for v in row.versions],
+        versions=[version_to_proto(v, with_paths=with_paths) for v in row.versions],
         device=row.device,
         default_version=row.default_version,
     )

@@ -1,17 +1,20 @@
-"""Receiving one study from a Read stream: header first, then chunks, with limits checked as bytes arrive."""
+"""Receiving one study from a Read stream: header first, then chunks, with limits checked as bytes arrive and a
+receive deadline between them (:class:`ReceivePolicy`); then decoding it (:func:`decode`)."""
 
 from __future__ import annotations
 
+import asyncio
+import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.api.ingest import IngestPolicy, is_referenced, referenced_payload
 from inference.api.interceptors import request_id_var
-from inference.errors import InvalidInputError, LimitExceededError
+from inference.errors import DeadlineExceededError, InvalidInputError, LimitExceededError, quote
 from inference.io.dicom import read_dicom_series
 from inference.io.limits import InputLimits
 from inference.io.nifti import read_nifti
@@ -43,18 +46,70 @@ def _request_id(header: pb.ReadHeader) -> str:
     return header.request_id
 
 
-async def receive(stream: AsyncIterator[pb.ReadRequest], limits: InputLimits) -> Upload:
-    """Collect the header and the payload chunks, enforcing the chunk, byte and file limits as they arrive."""
-    start = time.perf_counter()
-    upload: Upload | None = None
-    async for message in stream:
+@dataclass(frozen=True)
+class ReceivePolicy:
+    """How fast a Read's payload must arrive (ServerConfig ``upload_*``): the first chunk (or, for a header that
+    references its payload, the end of the stream) within ``first_chunk_timeout_s`` of the call's start; after the
+    first chunk, at least ``min_bytes_per_s`` on average, with ``rate_grace_s`` of slack: by ``t`` seconds after the
+    first chunk, ``min_bytes_per_s * (t - rate_grace_s)`` bytes must have arrived. The defaults let a 157 MB study
+    arrive over a 1 Mbit/s link (20 minutes) and end a stream that sends a header and nothing else within 30 s."""
+
+    first_chunk_timeout_s: float = 30.0
+    min_bytes_per_s: float = 16 * 1024
+    rate_grace_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.first_chunk_timeout_s <= 86_400:
+            raise ValueError(f"upload_first_chunk_timeout_s must be in (0, 86400], got {self.first_chunk_timeout_s!r}")
+        if not 0 <= self.min_bytes_per_s <= 1e10:
+            raise ValueError(f"upload_min_bytes_per_s must be in [0, 1e10], got {self.min_bytes_per_s!r}")
+        if not 0 < self.rate_grace_s <= 86_400:
+            raise ValueError(f"upload_rate_grace_s must be in (0, 86400], got {self.rate_grace_s!r}")
+
+    def next_message_by(self, start: float, first_chunk_at: float | None, received: int) -> float:
+        """The monotonic time by which the next message must arrive."""
+        if first_chunk_at is None:
+            return start + self.first_chunk_timeout_s
+        if self.min_bytes_per_s == 0:
+            return math.inf
+        return first_chunk_at + self.rate_grace_s + received / self.min_bytes_per_s
+
+    def overdue(self, first_chunk_at: float | None, received: int, now: float, start: float) -> str:
+        if first_chunk_at is None:
+            return (
+                f"no payload arrived within {self.first_chunk_timeout_s:g} s of the Read's start "
+                "(upload_first_chunk_timeout_s); send the header and the first chunk without waiting"
+            )
+        return (
+            f"the upload slowed below {self.min_bytes_per_s:g} bytes/s (upload_min_bytes_per_s): {received} bytes in "
+            f"{now - start:.0f} s"
+        )
+
+
+class ReceiveTimeoutError(DeadlineExceededError):
+    """The payload did not arrive as fast as :class:`ReceivePolicy` asks (DEADLINE_EXCEEDED)."""
+
+
+class UploadAssembler:
+    """The Read stream's messages in, one :class:`Upload` out: the header first, then chunks, every limit checked as
+    each message arrives (synchronous: :func:`receive` feeds it, and so does the fuzzer). ``reserve(n)`` is called
+    before ``n`` more payload bytes are kept (the server's memory budget; it raises to refuse them)."""
+
+    def __init__(self, limits: InputLimits, reserve: Callable[[int], None] | None = None) -> None:
+        self.limits = limits
+        self.reserve = reserve
+        self.upload: Upload | None = None
+
+    def add(self, message: pb.ReadRequest) -> None:
+        limits = self.limits
         kind = message.WhichOneof("kind")
         if kind == "header":
-            if upload is not None:
+            if self.upload is not None:
                 raise InvalidInputError("the header was sent twice; send it once, as the first message")
-            upload = Upload(message.header, _request_id(message.header))
-            request_id_var.set(upload.request_id)  # so that a failure while chunks arrive is logged under it
-            continue
+            self.upload = Upload(message.header, _request_id(message.header))
+            request_id_var.set(self.upload.request_id)  # so that a failure while chunks arrive is logged under it
+            return
+        upload = self.upload
         if upload is None:
             raise InvalidInputError("the first message of a Read must be the header")
         if kind != "chunk":
@@ -69,14 +124,12 @@ async def receive(stream: AsyncIterator[pb.ReadRequest], limits: InputLimits) ->
             raise LimitExceededError(
                 f"chunk of {len(data)} bytes exceeds the chunk limit of {limits.max_chunk_bytes} bytes"
             )
-        upload.total_bytes += len(data)
-        if upload.total_bytes > limits.max_request_bytes:
+        if upload.total_bytes + len(data) > limits.max_request_bytes:
             raise LimitExceededError(f"upload exceeds the request limit of {limits.max_request_bytes} bytes")
         index = chunk.file_index
         if index == len(upload.files):
             if index >= limits.max_files:
                 raise LimitExceededError(f"upload exceeds the limit of {limits.max_files} files per study")
-            upload.files.append(bytearray())
         elif index > len(upload.files):
             raise InvalidInputError(
                 f"chunk for file {index} arrived before any chunk of file {len(upload.files)}; "
@@ -87,12 +140,51 @@ async def receive(stream: AsyncIterator[pb.ReadRequest], limits: InputLimits) ->
                 f"chunk for file {index} arrived after file {len(upload.files) - 1}; "
                 "send files in order, each file's chunks consecutively"
             )
+        if self.reserve is not None and data:
+            self.reserve(len(data))
+        if index == len(upload.files):
+            upload.files.append(bytearray())
+        upload.total_bytes += len(data)
         upload.files[index] += data
-    if upload is None:
-        raise InvalidInputError("the Read stream was empty; send a header and then the payload")
-    if (not upload.files or upload.total_bytes == 0) and not is_referenced(upload.header):
-        raise InvalidInputError("the Read stream carried no payload")
-    upload.receive_ms = (time.perf_counter() - start) * 1e3
+
+    def finish(self) -> Upload:
+        upload = self.upload
+        if upload is None:
+            raise InvalidInputError("the Read stream was empty; send a header and then the payload")
+        if (not upload.files or upload.total_bytes == 0) and not is_referenced(upload.header):
+            raise InvalidInputError("the Read stream carried no payload")
+        return upload
+
+
+async def receive(
+    stream: AsyncIterator[pb.ReadRequest],
+    limits: InputLimits,
+    policy: ReceivePolicy | None = None,
+    reserve: Callable[[int], None] | None = None,
+) -> Upload:
+    """Collect the header and the payload chunks, enforcing the limits as they arrive and the receive deadline of
+    ``policy`` between them (:class:`ReceiveTimeoutError`, DEADLINE_EXCEEDED, when the client is too slow)."""
+    policy = policy or ReceivePolicy()
+    start = time.monotonic()
+    assembler = UploadAssembler(limits, reserve)
+    first_chunk_at: float | None = None
+    messages = stream.__aiter__()
+    while True:
+        upload = assembler.upload
+        received = upload.total_bytes if upload is not None else 0
+        by = policy.next_message_by(start, first_chunk_at, received)
+        timeout_s = None if by == math.inf else max(by - time.monotonic(), 0.0)
+        try:
+            message = await asyncio.wait_for(anext(messages), timeout_s)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise ReceiveTimeoutError(policy.overdue(first_chunk_at, received, time.monotonic(), start)) from None
+        assembler.add(message)
+        if first_chunk_at is None and assembler.upload is not None and assembler.upload.files:
+            first_chunk_at = time.monotonic()
+    upload = assembler.finish()
+    upload.receive_ms = (time.monotonic() - start) * 1e3
     return upload
 
 
@@ -104,7 +196,7 @@ def decode(upload: Upload, limits: InputLimits, ingest: IngestPolicy | None = No
     """
     header = upload.header
     if upload.payload != pb.DICOM_FILES and (header.modality or "CT") not in MODALITIES:
-        raise InvalidInputError(f"header.modality must be one of {MODALITIES}, got {header.modality!r}")
+        raise InvalidInputError(f"header.modality must be one of {MODALITIES}, got {quote(header.modality, 32)}")
     if is_referenced(header):
         with referenced_payload(header, upload.payload, ingest or IngestPolicy(), limits) as referenced:
             upload.total_bytes = referenced.total_bytes
@@ -120,6 +212,10 @@ def read_payload(header: pb.ReadHeader, payload: int, files: list, limits: Input
     modality = header.modality or "CT"
     if payload == pb.DICOM_FILES:
         return read_dicom_series(files, series_instance_uid=header.series_instance_uid or None, limits=limits)
+    if payload not in (pb.NIFTI, pb.RAW):
+        raise InvalidInputError(
+            f"header.payload {int(payload)} is not a known PayloadKind ({', '.join(pb.PayloadKind.keys()[1:])})"
+        )
     if len(files) != 1:
         raise InvalidInputError(f"a {pb.PayloadKind.Name(payload)} payload is one file, got {len(files)}")
     if payload == pb.NIFTI:
@@ -135,4 +231,4 @@ def read_payload(header: pb.ReadHeader, payload: int, files: list, limits: Input
             modality=modality,
             limits=limits,
         )
-    raise InvalidInputError(f"header.payload {payload} is not a known PayloadKind")
+    raise AssertionError(f"unreachable: payload kind {payload}")

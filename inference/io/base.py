@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from inference.errors import InvalidInputError
+from inference.errors import InvalidInputError, quote
 from inference.io.volume import Volume
 
 PayloadT = TypeVar("PayloadT")
@@ -33,7 +33,7 @@ def check_modality(modality: str) -> str:
     """Validate a request-stated modality as a DICOM Modality code (CS: up to 16 of A-Z, 0-9, space, _)."""
     if not isinstance(modality, str) or not _MODALITY.fullmatch(modality):
         raise InvalidInputError(
-            f"modality {str(modality)[:32]!r} is not a DICOM Modality code such as 'CT', 'MR', 'CR' or 'DX'"
+            f"modality {quote(modality, 32)} is not a DICOM Modality code such as 'CT', 'MR', 'CR' or 'DX'"
         )
     return modality
 

@@ -11,7 +11,8 @@ Policy (what a caller, or a successor changing this file, may rely on):
 * Non-image objects are skipped: no Pixel Data, float pixel data, or a non-image SOP class (SR, KO, PR, RT
   structure set / plan / dose, SEG, registration, waveform, encapsulated document). An instance that has Rows
   and Columns but no Pixel Data is an error, not a skip: it is usually a truncated file.
-* One series per read, grouped by SeriesInstanceUID; several need ``series_instance_uid``.
+* One series per read, grouped by SeriesInstanceUID; several need ``series_instance_uid``: the UID, or the 12-digit
+  :func:`hash_uid` that messages name the series by (messages never carry the UID itself).
 * Slices are sorted by ImagePositionPatient projected on the slice normal (ImageOrientationPatient row direction
   x column direction), ascending, never by file order or InstanceNumber. The affine's third column is the mean
   step between consecutive sorted slices, so it points along +normal and the affine is right-handed.
@@ -83,9 +84,18 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
-from inference.errors import InvalidInputError, LimitExceededError, UnsupportedError
+from inference.errors import InvalidInputError, UnsupportedError, escape_text, quote
 from inference.io.base import VolumeReader, payload_size
-from inference.io.limits import DEFAULT_LIMITS, InputLimits
+from inference.io.limits import (
+    DEFAULT_LIMITS,
+    MAX_ABS_VOXEL,
+    MAX_COORDINATE_MM,
+    SPACING_RANGE_MM,
+    InflateBudget,
+    InputLimits,
+    check_geometry,
+    check_rescale,
+)
 from inference.io.volume import SourceImage, SourceRefs, Volume
 
 _log = logging.getLogger(__name__)
@@ -152,7 +162,8 @@ def read_dicom_series(
     limits.check_files(len(files))
     limits.check_request_bytes(sum(payload_size(f) for f in files))
 
-    headers = [_read_header(index, src, limits) for index, src in enumerate(files)]
+    budget = InflateBudget(limits)
+    headers = [_read_header(index, src, limits, budget) for index, src in enumerate(files)]
     images: list[_Header] = []
     skipped: Counter[str] = Counter()
     for header in headers:
@@ -177,8 +188,10 @@ def read_dicom_series(
     frames = [frame for h, fmt in zip(series, formats, strict=True) for frame in _frames_of(h, fmt)]
     limits.check_shape((formats[0].columns, formats[0].rows, len(frames)), what=label)
     affine, order = _stack_geometry(frames, label)
+    check_geometry(affine, (formats[0].columns, formats[0].rows, len(frames)), label, limits)
     for h, fmt in zip(series, formats, strict=True):
         _check_pixel_data(h, fmt)
+    _check_rescaled_range(series, formats, frames)
 
     source = _source_refs(series, frames, order)
     first = next(h for h in series if h.index == frames[order[0]].file_index)
@@ -285,12 +298,14 @@ def _open(src: bytes | Path) -> Iterator[BinaryIO]:
         raise TypeError(f"DICOM files must be bytes or pathlib.Path, got {type(src).__name__}")
 
 
-def _read_header(index: int, src: bytes | Path, limits: InputLimits) -> _Header:
+def _read_header(index: int, src: bytes | Path, limits: InputLimits, budget: InflateBudget | None = None) -> _Header:
     where = f"file {index}"
     with _open(src) as fp:
         size = fp.seek(0, io.SEEK_END)
         fp.seek(0)
-        deflated = _check_deflated(where, fp, limits)
+        _check_file_meta_layout(where, fp, size)
+        fp.seek(0)
+        deflated = _check_deflated(where, fp, budget or InflateBudget(limits))
         fp.seek(0)
         stop = _PixelDataStop()
         watch = _ShortReadWatch(fp)
@@ -314,18 +329,26 @@ def _read_header(index: int, src: bytes | Path, limits: InputLimits) -> _Header:
         raise InvalidInputError(f"{where}: TransferSyntaxUID missing from the file meta information")
     if len(ds) == 0:
         raise InvalidInputError(f"{where} has no data set after its file meta information (empty or truncated)")
-    for tag in list(ds.keys()):
-        raw = ds.get_item(tag)
-        if (
-            isinstance(raw, RawDataElement)
-            and raw.value is not None
-            and raw.length != _UNDEFINED_LENGTH
-            and len(raw.value) < raw.length
-        ):
+    for container, tag in [(ds.file_meta, t) for t in list(ds.file_meta.keys())] + [(ds, t) for t in list(ds.keys())]:
+        try:
+            raw = container.get_item(tag)
+            if (
+                isinstance(raw, RawDataElement)
+                and raw.value is not None
+                and raw.length != _UNDEFINED_LENGTH
+                and len(raw.value) < raw.length
+            ):
+                raise InvalidInputError(
+                    f"{where} is truncated: element ({tag.group:04X},{tag.element:04X}) has {len(raw.value)} of "
+                    f"{raw.length} bytes"
+                )
+            container[tag]  # convert it now: pydicom converts on first access, and a malformed value raises there
+        except InvalidInputError:
+            raise
+        except Exception as exc:  # an unknown VR, a value its VR cannot hold: the element, not a bug
             raise InvalidInputError(
-                f"{where} is truncated: element ({tag.group:04X},{tag.element:04X}) has {len(raw.value)} of "
-                f"{raw.length} bytes"
-            )
+                f"{where}: element ({tag.group:04X},{tag.element:04X}) could not be parsed ({type(exc).__name__})"
+            ) from None
     if stop.tag is None and watch.short_read:
         # pydicom ends the data set quietly when fewer bytes than an element header remain.
         raise InvalidInputError(f"{where} is truncated: it ends inside a data element, at byte {size}")
@@ -346,11 +369,50 @@ def _read_header(index: int, src: bytes | Path, limits: InputLimits) -> _Header:
     )
 
 
-def _check_deflated(where: str, fp: BinaryIO, limits: InputLimits) -> bool:
+_META_LONG_VRS = (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UC", b"UR", b"UT", b"UN", b"SQ")
+
+
+def _check_file_meta_layout(where: str, fp: BinaryIO, size: int) -> None:
+    """Walk the file meta information (group 0002, always explicit VR little endian) before pydicom reads it.
+
+    A sequence or an undefined length there is malformed (PS3.10 7.1 has neither), and pydicom's reading of one
+    ends in an error path that pretty-prints the half-read group: a 3.5 KB file found by the fuzzer took 3.2 GB and
+    7 s to be refused (fuzz/crashes/oom-sequence-in-file-meta). Elements past the file's end are truncation.
+    """
+    if size < _PREAMBLE_BYTES or (fp.seek(128), fp.read(4))[1] != b"DICM":
+        return  # not Part 10: the header read says so
+    pos = _PREAMBLE_BYTES
+    while pos + 8 <= size:
+        fp.seek(pos)
+        head = fp.read(12)
+        group, element = int.from_bytes(head[0:2], "little"), int.from_bytes(head[2:4], "little")
+        if group != 0x0002:
+            return
+        vr = head[4:6]
+        if vr in _META_LONG_VRS:
+            if len(head) < 12:
+                break
+            length, header = int.from_bytes(head[8:12], "little"), 12
+        else:
+            length, header = int.from_bytes(head[6:8], "little"), 8
+        if vr == b"SQ" or length == _UNDEFINED_LENGTH or not (vr.isalpha() and vr.isupper()):
+            raise InvalidInputError(
+                f"{where}: the file meta information is malformed: element (0002,{element:04X}) has VR "
+                f"{quote(vr.decode('latin-1'), 4)} and length {length}"
+            )
+        pos += header + length
+    if pos > size:
+        raise InvalidInputError(f"{where} is truncated inside its file meta information")
+
+
+def _check_deflated(where: str, fp: BinaryIO, budget: InflateBudget) -> bool:
     """Whether the file is Deflated Explicit VR Little Endian; if so, check its inflated size first.
 
     pydicom inflates a deflated data set in one unbounded call, so a small upload could inflate to many GB.
-    This streams the inflation in bounded steps, keeping nothing, and refuses more than ``max_request_bytes``.
+    This streams the inflation in bounded steps, keeping nothing, and refuses more than the read's inflate budget
+    (``max_inflated_bytes`` for all the files of a read together). It stops at the end of the deflate stream:
+    bytes after it (pydicom pads an odd-length stream with one) are left, and every step must consume input or
+    produce output, so the loop ends after at most input + output bytes / step.
     """
     try:
         read_preamble(fp, False)
@@ -360,20 +422,21 @@ def _check_deflated(where: str, fp: BinaryIO, limits: InputLimits) -> bool:
         return False
     if syntax != DeflatedExplicitVRLittleEndian:
         return False
-    limit = limits.max_request_bytes
+    limit = budget.left
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     inflated = 0
     try:
-        while inflated <= limit and (chunk := fp.read(1 << 20)):
-            while inflated <= limit and chunk:
-                inflated += len(inflater.decompress(chunk, 1 << 22))
-                chunk = inflater.unconsumed_tail
+        while inflated <= limit and not inflater.eof and (chunk := fp.read(1 << 20)):
+            while inflated <= limit and chunk and not inflater.eof:
+                produced = len(inflater.decompress(chunk, 1 << 22))
+                tail = inflater.unconsumed_tail
+                if not produced and len(tail) == len(chunk):
+                    raise InvalidInputError(f"{where}: deflated data set could not be inflated (no progress)")
+                inflated += produced
+                chunk = tail
     except zlib.error as exc:
-        raise InvalidInputError(f"{where}: deflated data set could not be inflated ({exc})") from exc
-    if inflated > limit:
-        raise LimitExceededError(
-            f"{where}: deflated data set inflates to more than {limit} bytes, the max_request_bytes limit"
-        )
+        raise InvalidInputError(f"{where}: deflated data set could not be inflated ({escape_text(exc, 80)})") from exc
+    budget.spend(inflated, f"the deflated data sets of the upload (up to {where})")
     return True
 
 
@@ -414,7 +477,7 @@ def _select_series(images: list[_Header], series_instance_uid: str | None) -> tu
 
     def label(uid: str) -> str:
         number = groups[uid][0].ds.get("SeriesNumber")
-        return f"series {number if number not in (None, '') else '?'}"
+        return f"series {escape_text(number, 16) if number not in (None, '') else '?'}"
 
     def listing() -> str:
         def key(uid: str) -> tuple[float, str]:
@@ -431,6 +494,9 @@ def _select_series(images: list[_Header], series_instance_uid: str | None) -> tu
 
     if series_instance_uid is not None:
         wanted = str(series_instance_uid).strip()
+        by_hash = [uid for uid in groups if hash_uid(uid) == wanted.lower()]
+        if wanted not in groups and len(by_hash) == 1:
+            wanted = by_hash[0]  # the 12-digit hash this reader's messages name a series by
         if wanted not in groups:
             raise InvalidInputError(
                 f"the requested series ({hash_uid(wanted)}) has no images in the upload; it holds {listing()}"
@@ -438,7 +504,8 @@ def _select_series(images: list[_Header], series_instance_uid: str | None) -> tu
         return groups[wanted], label(wanted)
     if len(groups) > 1:
         raise InvalidInputError(
-            f"the upload holds {len(groups)} image series and none was chosen (set series_instance_uid): {listing()}"
+            f"the upload holds {len(groups)} image series and none was chosen (set series_instance_uid to one's UID "
+            f"or to the hash shown here; radserve read --series): {listing()}"
         )
     uid = next(iter(groups))
     return groups[uid], label(uid)
@@ -477,7 +544,7 @@ def _pixel_format(h: _Header) -> _PixelFormat:
         raise InvalidInputError(f"{where}: PhotometricInterpretation missing")
     if samples != 1 or photometric not in _MONOCHROME:
         raise UnsupportedError(
-            f"{where}: PhotometricInterpretation {photometric} with SamplesPerPixel {samples} is not supported; "
+            f"{where}: PhotometricInterpretation {quote(photometric)} with SamplesPerPixel {samples} is not supported; "
             "only monochrome images (MONOCHROME1, MONOCHROME2) are read"
         )
     rows = _int(ds, "Rows", where, required=True)
@@ -545,19 +612,37 @@ def _check_pixel_data(h: _Header, fmt: _PixelFormat) -> None:
         decoder = get_decoder(syntax)
     except NotImplementedError:
         raise UnsupportedError(
-            f"{where}: transfer syntax {_syntax_name(syntax)} ({syntax}) is not supported: no decoder exists for it"
+            f"{where}: transfer syntax {_syntax_name(syntax)} ({quote(syntax)}) is not supported: no decoder exists "
+            "for it"
         ) from None
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies) or "none known"
         raise UnsupportedError(
-            f"{where}: transfer syntax {_syntax_name(syntax)} ({syntax}) cannot be decoded: no codec is installed "
-            f"(plugins that would decode it: {missing})"
+            f"{where}: transfer syntax {_syntax_name(syntax)} ({quote(syntax)}) cannot be decoded: no codec is "
+            f"installed (plugins that would decode it: {missing})"
         )
 
 
+def _check_rescaled_range(series: list[_Header], formats: list[_PixelFormat], frames: list[_Frame]) -> None:
+    """Stored values x RescaleSlope + RescaleIntercept stay within +-MAX_ABS_VOXEL (decided from the stored range,
+    before decoding: no pass over the pixels)."""
+    fmt_of = {h.index: fmt for h, fmt in zip(series, formats, strict=True)}
+    for f in frames:
+        low, high = fmt_of[f.file_index].stored_range
+        reach = max(abs(low * f.slope + f.intercept), abs(high * f.slope + f.intercept))
+        if reach > MAX_ABS_VOXEL:
+            raise InvalidInputError(
+                f"{f.where}: RescaleSlope {f.slope:g} and RescaleIntercept {f.intercept:g} map the stored values to "
+                f"up to {reach:.4g}, outside the plausible +-{MAX_ABS_VOXEL:g}"
+            )
+
+
 def _check_native_length(where: str, length: int, fmt: _PixelFormat) -> None:
+    """Native pixel data has the bytes Rows x Columns x frames x BitsAllocated/8 imply, plus the pad byte of an odd
+    length; padding beyond that (pydicom's MR_small_padded.dcm), less than one more frame, is ignored as pydicom
+    does. More is a length mismatch: a wrong NumberOfFrames, Rows or Columns, not padding."""
     expected = fmt.native_bytes
-    if length not in (expected, expected + expected % 2):
+    if not expected <= length < expected + max(expected // fmt.frames, 2):
         raise InvalidInputError(
             f"{where}: PixelData length mismatch: {length} bytes, expected {expected} "
             f"(Rows {fmt.rows} x Columns {fmt.columns} x {fmt.frames} frames x {fmt.bits_allocated} bits)"
@@ -633,7 +718,7 @@ def _enhanced_frames(h: _Header, fmt: _PixelFormat) -> list[_Frame]:
 
         def macro(sequence: str, item: Dataset = item, where: str = where) -> Dataset:
             for group in (item, shared):
-                seq = group.get(sequence)
+                seq = _get(group, sequence, where, sequence)
                 if seq:
                     if len(seq) != 1:
                         raise InvalidInputError(f"{where}: {sequence} must have exactly one item, has {len(seq)}")
@@ -799,7 +884,7 @@ def _int(ds: Dataset, keyword: str, where: str, *, required: bool) -> int | None
         if not number.is_integer():
             raise ValueError
     except (TypeError, ValueError):
-        raise InvalidInputError(f"{where}: {keyword} {str(value)[:32]!r} is not an integer") from None
+        raise InvalidInputError(f"{where}: {keyword} {quote(value, 32)} is not an integer") from None
     return int(number)
 
 
@@ -820,8 +905,10 @@ def _floats(container: Dataset, keyword: str, count: int, where: str, path: str)
 
 def _position(container: Dataset, where: str, path: str) -> tuple[float, float, float] | None:
     values = _floats(container, "ImagePositionPatient", 3, where, path)
-    if values is not None and not all(math.isfinite(v) for v in values):
-        raise InvalidInputError(f"{where}: {path} {_fmt(values)} is not finite")
+    if values is not None and not all(math.isfinite(v) and abs(v) <= MAX_COORDINATE_MM for v in values):
+        raise InvalidInputError(
+            f"{where}: {path} {_fmt(values)} is not finite or outside the plausible +-{MAX_COORDINATE_MM:g} mm"
+        )
     return values  # type: ignore[return-value]
 
 
@@ -852,14 +939,18 @@ def _pixel_spacing(
     if values is None:
         also = " (and ImagerPixelSpacing)" if allow_imager else ""
         raise InvalidInputError(f"{where}: {prefix}PixelSpacing{also} missing")
-    if not all(math.isfinite(v) and v > 0 for v in values):
-        raise InvalidInputError(f"{where}: {prefix}{element} {_fmt(values)} must be two positive finite numbers (mm)")
+    low, high = SPACING_RANGE_MM
+    if not all(math.isfinite(v) and low <= v <= high for v in values):
+        raise InvalidInputError(
+            f"{where}: {prefix}{element} {_fmt(values)} must be two numbers in the plausible range {low:g}-{high:g} mm"
+        )
     return (values[0], values[1]), element
 
 
 def _thickness(container: Dataset, where: str, path: str) -> float | None:
     values = _floats(container, "SliceThickness", 1, where, path)
-    if values is None or not (math.isfinite(values[0]) and values[0] > 0):
+    low, high = SPACING_RANGE_MM
+    if values is None or not (math.isfinite(values[0]) and low <= values[0] <= high):
         return None  # only used for one-slice volumes, where 1 mm is a harmless default
     return values[0]
 
@@ -869,10 +960,7 @@ def _rescale(container: Dataset, where: str, prefix: str) -> tuple[float, float]
     intercept = _floats(container, "RescaleIntercept", 1, where, prefix + "RescaleIntercept")
     s = slope[0] if slope is not None else 1.0
     b = intercept[0] if intercept is not None else 0.0
-    if not math.isfinite(s) or s == 0:
-        raise InvalidInputError(f"{where}: {prefix}RescaleSlope {s:g} must be a finite nonzero number")
-    if not math.isfinite(b):
-        raise InvalidInputError(f"{where}: {prefix}RescaleIntercept {b:g} must be finite")
+    check_rescale(s, b, f"{where}: {prefix}RescaleSlope/RescaleIntercept:")
     return s, b
 
 
@@ -896,14 +984,18 @@ def _decode(h: _Header, src: bytes | Path, fmt: _PixelFormat) -> np.ndarray:
             raise InvalidInputError(f"{where} could not be parsed as DICOM ({type(exc).__name__})") from exc
     if "PixelData" not in ds:
         raise InvalidInputError(f"{where} is truncated inside its pixel data")
+    try:
+        pixel_data = ds.PixelData
+    except Exception as exc:  # converted on first access: an unknown VR on the element raises here
+        raise InvalidInputError(f"{where}: PixelData could not be parsed ({type(exc).__name__})") from None
     if h.transfer_syntax in UncompressedTransferSyntaxes:
-        _check_native_length(where, len(ds.PixelData), fmt)
+        _check_native_length(where, len(pixel_data), fmt)
     elif h.transfer_syntax in _J2K_SYNTAXES:
-        _check_j2k_frames(where, ds.PixelData, fmt)
+        _check_j2k_frames(where, pixel_data, fmt)
     try:
         stored = np.asarray(ds.pixel_array)
     except Exception as exc:
-        detail = " ".join(str(exc).split())[:300]
+        detail = escape_text(" ".join(str(exc).split()), 300)
         raise InvalidInputError(f"{where}: pixel data could not be decoded ({detail})") from exc
     expected = (fmt.frames, fmt.rows, fmt.columns)
     if stored.shape != expected:
@@ -1091,14 +1183,14 @@ def _plain_header(ds: FileDataset) -> Dataset:
 
 def _syntax_name(syntax: UID) -> str:
     name = _SYNTAX_NAMES.get(str(syntax)) or syntax.name
-    return name if name != str(syntax) else f"unknown syntax {syntax}"
+    return name if name != str(syntax) else f"unknown syntax {quote(syntax)}"
 
 
 def _sop_name(sop_class_uid: str) -> str:
     if not sop_class_uid:
         return "unknown SOP class"
     name = UID(sop_class_uid).name
-    return name if name != sop_class_uid else f"SOP class {sop_class_uid}"
+    return name if name != sop_class_uid else f"SOP class {quote(sop_class_uid)}"
 
 
 def _fmt(values: Sequence[float]) -> str:

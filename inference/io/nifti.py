@@ -12,9 +12,13 @@ Policy:
 * Orientation: the sform when sform_code > 0, else the qform when qform_code > 0, converted from NIfTI's RAS to
   LPS (``diag(-1, -1, 1, 1) @ affine``). With both codes 0 the axes are taken as RAS-aligned with pixdim spacing
   (NIfTI "method 1") and the volume carries a warning.
-* Voxels are float32 after scl_slope / scl_inter (when the slope is valid, as NIfTI defines).
-* NaN and Inf voxels are replaced with 0 and reported in ``Volume.warnings`` ("12 NaN/Inf voxels replaced
-  with 0"): a model cannot use them, and rejecting the whole image for a few masked voxels helps no one.
+* Voxels are float32 after scl_slope / scl_inter (when the slope is valid, as NIfTI defines; both within the
+  plausible rescale range of :mod:`inference.io.limits`).
+* The geometry (spacing, origin, axes, field of view) is checked against the plausible ranges and limits of
+  :mod:`inference.io.limits` before any voxel is read, and the gzip stream inflates within the read's
+  ``max_inflated_bytes``.
+* NaN, infinite and implausibly large voxel values are refused (InvalidInputError): replacing them with 0, as
+  this reader once did, hands the model an image it was never trained on and hides a broken export.
 * The modality cannot be known from a NIfTI file; the request states it (default CT).
 """
 
@@ -32,9 +36,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from inference.errors import InvalidInputError, LimitExceededError, UnsupportedError
+from inference.errors import InvalidInputError, LimitExceededError, UnsupportedError, escape_text
 from inference.io.base import VolumeReader, check_modality, payload_size
-from inference.io.limits import DEFAULT_LIMITS, InputLimits
+from inference.io.limits import (
+    DEFAULT_LIMITS,
+    InflateBudget,
+    InputLimits,
+    check_geometry,
+    check_rescale,
+    check_voxel_values,
+)
 from inference.io.volume import LPS_TO_RAS, Volume
 
 _log = logging.getLogger(__name__)
@@ -54,18 +65,22 @@ def read_nifti(data: bytes | Path, *, modality: str = "CT", limits: InputLimits 
     limits.check_request_bytes(payload_size(data))
     raw = data.read_bytes() if isinstance(data, Path) else data
     if bytes(raw[:2]) == _GZIP_MAGIC:
+        budget = InflateBudget(limits)
         with gzip.GzipFile(fileobj=io.BytesIO(raw)) as stream:
             head = _read_up_to(stream, _HEADER_READ_BYTES)
             header = _parse_header(head)
             layout = _check_layout(header, limits)
+            affine, orientation_warning = _affine_lps(header, layout, limits)
+            budget.spend(layout.end, "the NIfTI gzip stream's header and voxels")
             buffer = head
             buffer += _read_up_to(stream, layout.end - len(head))
             if len(buffer) >= layout.end:
-                _check_gzip_end(stream)
+                budget.spend(_check_gzip_end(stream, budget.left), "the NIfTI gzip stream")
     else:
         buffer = raw
         header = _parse_header(bytes(raw[:_HEADER_READ_BYTES]))
         layout = _check_layout(header, limits)
+        affine, orientation_warning = _affine_lps(header, layout, limits)
     if len(buffer) < layout.end:
         raise InvalidInputError(
             f"NIfTI data is truncated: the header implies {layout.n_voxels} voxels of {layout.dtype.name} "
@@ -73,11 +88,12 @@ def read_nifti(data: bytes | Path, *, modality: str = "CT", limits: InputLimits 
             f"{max(len(buffer) - layout.offset, 0)} bytes follow"
         )
 
-    affine, orientation_warning = _affine_lps(header)
     try:
         slope, inter = header.get_slope_inter()  # (None, None) when NIfTI says "no scaling" (slope 0 or NaN)
     except Exception as exc:  # nibabel: a valid slope with an invalid intercept
-        raise InvalidInputError(f"NIfTI scl_slope / scl_inter are invalid ({exc})") from exc
+        raise InvalidInputError(f"NIfTI scl_slope / scl_inter are invalid ({escape_text(exc, 120)})") from exc
+    if slope is not None:
+        check_rescale(float(slope), float(inter or 0.0), "NIfTI scl_slope/scl_inter:")
 
     stored = np.frombuffer(buffer, dtype=layout.dtype, count=layout.n_voxels, offset=layout.offset)
     voxels = stored.reshape(layout.shape, order="F").astype(np.float32)
@@ -85,15 +101,9 @@ def read_nifti(data: bytes | Path, *, modality: str = "CT", limits: InputLimits 
         voxels *= np.float32(slope)
         voxels += np.float32(inter or 0.0)
     warnings = [orientation_warning] if orientation_warning else []
-    bad = ~np.isfinite(voxels)
-    n_bad = int(np.count_nonzero(bad))
-    if n_bad:
-        voxels[bad] = 0.0
-        warnings.insert(0, f"{n_bad} NaN/Inf voxels replaced with 0")
-    del bad
-    _log.debug(
-        "NIfTI-%d: shape %s, %s, %d NaN/Inf voxels replaced", layout.version, layout.shape, layout.dtype.name, n_bad
-    )
+    if layout.dtype.kind == "f" or slope is not None:  # integers without scaling are bounded by their type
+        check_voxel_values(voxels, "NIfTI image")
+    _log.debug("NIfTI-%d: shape %s, %s", layout.version, layout.shape, layout.dtype.name)
     return Volume(voxels=voxels, affine=affine, modality=modality, warnings=tuple(warnings))
 
 
@@ -131,27 +141,32 @@ def _read_up_to(stream: gzip.GzipFile, n_bytes: int) -> bytearray:
                 break
             out += chunk
     except (OSError, EOFError, zlib.error) as exc:
-        raise InvalidInputError(f"NIfTI gzip stream is corrupt or truncated ({exc})") from exc
+        raise InvalidInputError(f"NIfTI gzip stream is corrupt or truncated ({escape_text(exc, 120)})") from exc
     return out
 
 
-def _check_gzip_end(stream: gzip.GzipFile) -> None:
+def _check_gzip_end(stream: gzip.GzipFile, budget_left: int) -> int:
     """Read on to the end of the gzip stream, so that its CRC-32 and length are checked.
 
     Stopping after the bytes the header implies would skip that check, and a damaged deflate stream usually
     inflates without an error into wrong voxels (32 of 40 single-bit flips in a test .nii.gz did). A NIfTI file
-    has nothing after its voxels; more than MAX_EXTENSION_BYTES there is refused, not inflated.
+    has nothing after its voxels; more than MAX_EXTENSION_BYTES there is refused, not inflated, and so is more than
+    ``budget_left`` (the read's inflate budget). Returns the bytes inflated after the voxels.
     """
     trailing = 0
+    limit = min(MAX_EXTENSION_BYTES, budget_left)
     try:
-        while trailing <= MAX_EXTENSION_BYTES and (chunk := stream.read(_INFLATE_CHUNK_BYTES)):
+        while trailing <= limit and (chunk := stream.read(_INFLATE_CHUNK_BYTES)):
             trailing += len(chunk)  # counted, not kept
     except (OSError, EOFError, zlib.error) as exc:
-        raise InvalidInputError(f"NIfTI gzip stream is corrupt or truncated ({exc})") from exc
+        raise InvalidInputError(f"NIfTI gzip stream is corrupt or truncated ({escape_text(exc, 120)})") from exc
+    if trailing > budget_left:
+        return trailing  # the caller's budget refuses it
     if trailing > MAX_EXTENSION_BYTES:
         raise InvalidInputError(
             f"NIfTI gzip stream continues for more than {MAX_EXTENSION_BYTES} bytes after the voxels its header implies"
         )
+    return trailing
 
 
 def _parse_header(head: bytes) -> nib.Nifti1Header:
@@ -222,7 +237,7 @@ def _check_layout(header: nib.Nifti1Header, limits: InputLimits) -> _Layout:
     )
 
 
-def _affine_lps(header: nib.Nifti1Header) -> tuple[np.ndarray, str | None]:
+def _affine_lps(header: nib.Nifti1Header, layout: _Layout, limits: InputLimits) -> tuple[np.ndarray, str | None]:
     warning = None
     try:
         if int(header["sform_code"]) > 0:
@@ -233,14 +248,19 @@ def _affine_lps(header: nib.Nifti1Header) -> tuple[np.ndarray, str | None]:
             source = "pixdim"
             zooms = [float(z) for z in header["pixdim"][1:4]]
             if not all(math.isfinite(z) and z > 0 for z in zooms):
-                raise InvalidInputError(f"NIfTI pixdim[1:4] {zooms} must be positive when no sform or qform is set")
+                raise InvalidInputError(
+                    f"NIfTI pixdim[1:4] {[float(f'{z:.4g}') for z in zooms]} must be positive when no sform or qform "
+                    "is set"
+                )
             affine = np.diag([*zooms, 1.0])
             warning = "NIfTI has no sform or qform (both codes 0): axes assumed RAS-aligned with pixdim spacing"
     except InvalidInputError:
         raise
     except Exception as exc:  # e.g. a qform quaternion with b^2 + c^2 + d^2 > 1
-        raise InvalidInputError(f"NIfTI orientation could not be computed ({exc})") from exc
+        raise InvalidInputError(f"NIfTI orientation could not be computed ({escape_text(exc, 120)})") from exc
     affine = np.asarray(affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InvalidInputError(f"NIfTI {source} is not finite and invertible")
-    return LPS_TO_RAS @ affine, warning  # the flip is its own inverse: RAS -> LPS
+    affine = LPS_TO_RAS @ affine  # the flip is its own inverse: RAS -> LPS
+    check_geometry(affine, layout.shape, f"NIfTI {source}", limits)
+    return affine, warning

@@ -6,8 +6,9 @@ Policy:
   ``[i, j, k]``), little-endian, of one of :data:`RAW_DTYPES`.
 * Geometry is either a full 4x4 ``affine`` (16 numbers, row-major, voxel index -> LPS mm, last row 0 0 0 1) or
   ``spacing_mm`` (identity directions, origin 0); exactly one of the two.
-* Shape and limits are checked before the byte count, and both before anything is allocated.
-* NaN and Inf voxels are replaced with 0 and reported in ``Volume.warnings``, as for NIfTI.
+* Shape, limits and the geometry (plausible spacing, origin and axes, the field of view; :mod:`inference.io.limits`)
+  are checked before the byte count, and all before anything is allocated.
+* NaN, infinite and implausibly large values in a float array are refused (InvalidInputError), as for NIfTI.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from inference.errors import InvalidInputError
+from inference.errors import InvalidInputError, quote
 from inference.io.base import VolumeReader, check_modality, payload_size
-from inference.io.limits import DEFAULT_LIMITS, InputLimits
+from inference.io.limits import DEFAULT_LIMITS, InputLimits, check_geometry, check_voxel_values
 from inference.io.volume import Volume
 
 _log = logging.getLogger(__name__)
@@ -43,29 +44,24 @@ def read_raw(
     modality = check_modality(modality)
     limits.check_request_bytes(payload_size(data))
     if dtype not in RAW_DTYPES:
-        raise InvalidInputError(f"raw dtype {str(dtype)[:32]!r} is not supported; use one of {', '.join(RAW_DTYPES)}")
+        raise InvalidInputError(f"raw dtype {quote(dtype, 32)} is not supported; use one of {', '.join(RAW_DTYPES)}")
     np_dtype = np.dtype(dtype).newbyteorder("<")
     dims = _shape(shape)
     limits.check_shape(dims, what="raw volume")
+    matrix = _affine(affine, spacing_mm)
+    check_geometry(matrix, dims, "raw geometry", limits)
     expected = math.prod(dims) * np_dtype.itemsize
     if len(data) != expected:
         raise InvalidInputError(
             f"raw data has {len(data)} bytes; shape {dims} of {dtype} needs {expected} "
             f"({math.prod(dims)} voxels x {np_dtype.itemsize} bytes)"
         )
-    matrix = _affine(affine, spacing_mm)
 
     voxels = np.frombuffer(data, dtype=np_dtype).reshape(dims).astype(np.float32)
-    warnings = []
-    n_bad = 0
-    if np_dtype.kind == "f":  # integers cannot be NaN or Inf: skip that pass (0.15 -> 0.08 s for 512x512x300)
-        bad = ~np.isfinite(voxels)
-        n_bad = int(np.count_nonzero(bad))
-        if n_bad:
-            voxels[bad] = 0.0
-            warnings.append(f"{n_bad} NaN/Inf voxels replaced with 0")
-    _log.debug("raw %s volume: shape %s, %d NaN/Inf voxels replaced", dtype, dims, n_bad)
-    return Volume(voxels=voxels, affine=matrix, modality=modality, warnings=tuple(warnings))
+    if np_dtype.kind == "f":  # integers are finite and bounded by their type: skip that pass
+        check_voxel_values(voxels, "raw volume")  # after the cast: float64 beyond float32's range is infinite
+    _log.debug("raw %s volume: shape %s", dtype, dims)
+    return Volume(voxels=voxels, affine=matrix, modality=modality)
 
 
 @dataclass(frozen=True)
@@ -98,7 +94,7 @@ def _shape(shape: Sequence[int]) -> tuple[int, int, int]:
     except (TypeError, ValueError):
         valid = False
     if not valid:
-        raise InvalidInputError(f"raw shape {str(shape)[:64]} must be three positive integers (X, Y, Z)")
+        raise InvalidInputError(f"raw shape {quote(shape, 64)} must be three positive integers (X, Y, Z)")
     return tuple(int(s) for s in dims)  # type: ignore[return-value]
 
 
@@ -111,7 +107,9 @@ def _affine(affine: Sequence[float] | None, spacing_mm: Sequence[float] | None) 
         except (TypeError, ValueError):
             spacing = []
         if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
-            raise InvalidInputError(f"raw spacing_mm {str(spacing_mm)[:64]} must be three positive finite numbers")
+            raise InvalidInputError(
+                f"raw spacing_mm {quote(list(spacing_mm), 64)} must be three positive finite numbers"
+            )
         return np.diag([*spacing, 1.0])
     try:
         matrix = np.asarray([float(v) for v in affine], dtype=np.float64)  # type: ignore[union-attr]

@@ -121,6 +121,23 @@ class DetectorConfig:
 
 
 @dataclass(frozen=True)
+class InputConfig:
+    """The smallest study the model reads (README "Errors": FAILED_PRECONDITION below it), along the axes of its
+    inferer.roi_size: voxels of the study as sent (X = columns, Y = rows, Z = slices), and its field of view in mm.
+    Empty: no minimum. A one-slice CT, a 16 x 16 X-ray or a volume much smaller than what the model was trained on
+    gets an answer naming this minimum instead of findings the model cannot stand behind."""
+
+    min_shape: tuple[int, ...] = ()
+    min_extent_mm: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if any(isinstance(s, bool) or int(s) != s or s < 1 for s in self.min_shape):
+            raise ValueError(f"input.min_shape entries must be integers >= 1, got {self.min_shape!r}")
+        if any(not 0 <= float(e) < 1e4 for e in self.min_extent_mm):
+            raise ValueError(f"input.min_extent_mm entries must be in [0, 10000) mm, got {self.min_extent_mm!r}")
+
+
+@dataclass(frozen=True)
 class PostprocessConfig:
     score_threshold: float = 0.5
     nms_iou: float = 0.2
@@ -179,6 +196,7 @@ class ModelConfig:
     network: NetworkConfig
     preprocessing: PreprocessConfig = field(default_factory=PreprocessConfig)
     inferer: InfererConfig = field(default_factory=InfererConfig)
+    input: InputConfig = field(default_factory=InputConfig)
     detector: DetectorConfig | None = None
     postprocessing: PostprocessConfig = field(default_factory=PostprocessConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
@@ -216,6 +234,12 @@ class ModelConfig:
                 f"network.target {BUNDLE_NETWORK_TARGET!r} and a network factory go together; "
                 "both are set by the MONAI bundle loader only"
             )
+        for name in ("min_shape", "min_extent_mm"):
+            if len(getattr(self.input, name)) not in (0, len(self.inferer.roi_size)):
+                raise ValueError(
+                    f"input.{name} {getattr(self.input, name)!r} must have one entry per axis of inferer.roi_size "
+                    f"{self.inferer.roi_size!r}"
+                )
         if len(self.inferer.roi_size) != len(self.preprocessing.spacing_mm):
             raise ValueError(
                 f"inferer.roi_size {self.inferer.roi_size!r} and preprocessing.spacing_mm "
@@ -247,6 +271,7 @@ class ModelConfig:
             "network": NetworkConfig,
             "preprocessing": PreprocessConfig,
             "inferer": InfererConfig,
+            "input": InputConfig,
             "detector": DetectorConfig,
             "postprocessing": PostprocessConfig,
             "batching": BatchingConfig,

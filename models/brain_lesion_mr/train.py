@@ -97,6 +97,8 @@ MODEL_YAML: dict[str, Any] = {
         "weights": "model.pt",
     },
     # 96x96x64 voxels = 144x144x96 mm: a 250 mm field of view in 2x2 patches a plane; divisible by the total stride 8.
+    # The smallest study read (FAILED_PRECONDITION below it): a slab of the head holding its smallest lesions whole.
+    "input": {"min_shape": [16, 16, 4], "min_extent_mm": [40, 40, 12]},
     "inferer": {"roi_size": [96, 96, 64], "overlap": 0.25},
     "postprocessing": {"score_threshold": 0.5, "min_volume_ml": 0.01, "min_size_mm": 0.0, "max_detections": 10},
     "batching": {"max_batch_size": 4, "max_queue_delay_ms": 5.0},

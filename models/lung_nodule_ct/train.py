@@ -100,6 +100,9 @@ MODEL_YAML: dict[str, Any] = {
         "weights": "model.pt",
     },
     # 96 voxels = 144 mm; the patches overlap by at least 24 voxels = 36 mm > 30 mm, the largest nodule.
+    # The smallest study read (FAILED_PRECONDITION below it): 16 x 16 x 4 voxels over at least 10 x 10 x 8 mm, a 5 mm
+    # nodule with a margin.
+    "input": {"min_shape": [16, 16, 4], "min_extent_mm": [10, 10, 8]},
     "inferer": {"roi_size": [96, 96, 96], "overlap": 0.25},
     "detector": {
         "feature_map_scales": [1, 2, 4],

@@ -94,7 +94,7 @@ def pki(tmp_path_factory) -> Path:
     return d
 
 
-TOKENS = {"archive": secrets.token_hex(16), "research": secrets.token_hex(16)}
+TOKENS = {"archive": secrets.token_hex(16), "research": secrets.token_hex(16), "ops": secrets.token_hex(16)}
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +103,7 @@ def secure_server(pki, tmp_path_factory):
     tokens = d / "tokens.yaml"
     tokens.write_text(
         f"archive: {TOKENS['archive']}\nresearch:\n  token: {TOKENS['research']}\n  models: [chest_xray]\n"
+        f"ops:\n  token: {TOKENS['ops']}\n  role: operator\n"
     )
     proc = ServerProcess(
         models=lung_model_repo(d),
@@ -267,6 +268,52 @@ def test_cli_read_and_models_with_ca_client_cert_and_token(pki, secure_server, s
         env={**os.environ, "RADSERVE_TOKEN": "not-a-token"},
     )
     assert denied.returncode == 1 and "error: UNAUTHENTICATED: invalid token" in denied.stderr
+
+
+# -- model management: an operator's act, confined to the model roots ---------------------------------------
+
+
+def management_code(call) -> tuple[grpc.StatusCode, str]:
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details()
+    return grpc.StatusCode.OK, ""
+
+
+def test_only_an_operator_manages_models_and_only_under_the_model_roots(pki, secure_server, tmp_path):
+    repo = Path(secure_server.args[secure_server.args.index("--models") + 1]).resolve()
+    version = repo / "lung_nodule_ct" / "1"
+    reader = mtls_client(pki, secure_server.target, TOKENS["archive"])
+    operator = mtls_client(pki, secure_server.target, TOKENS["ops"])
+    try:
+        code, details = management_code(lambda: reader.load_model(version))
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+        assert details == "tenant 'archive' is not an operator and may not manage models"
+        code, _ = management_code(lambda: reader.unload_model("lung_nodule_ct"))
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+        (tmp_path / "real").mkdir()
+        outside = (tmp_path / "real", tmp_path / "missing", "/etc", "../../..", f"{repo}/../..", "/nonexistent/x")
+        refusals = [management_code(lambda p=p: operator.load_model(p)) for p in outside]
+        assert {code for code, _ in refusals} == {grpc.StatusCode.PERMISSION_DENIED}
+        assert len({details for _, details in refusals}) == 1, "a refusal told what exists outside the roots"
+        assert str(tmp_path) not in refusals[0][1] and "etc" not in refusals[0][1]
+        loaded = operator.load_model(version)  # under the root: loads (here: the version already serving)
+        assert [v.state for m in loaded.models for v in m.versions] == ["READY"]
+
+        def sources(client):
+            return {v.source for m in client.list_models().models for v in m.versions}
+
+        assert sources(reader) == {""}, "ListModels showed a server path to a tenant"
+        assert sources(operator) == {os.path.realpath(version)}
+    finally:
+        reader.close()
+        operator.close()
+    research = mtls_client(pki, secure_server.target, TOKENS["research"])
+    try:  # a tenant with an allow-list sees its models only
+        assert [m.name for m in research.list_models().models] == []
+    finally:
+        research.close()
 
 
 def test_tokens_never_reach_the_log(secure_server):

@@ -137,3 +137,44 @@ def test_health_port_answers_liveness_while_readiness_is_not_serving(tmp_path):
         assert health_status(proc.target) == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         assert proc.stop() == 0
+
+
+def test_bridge_is_one_replica_on_a_volume_with_its_rules_from_a_configmap(tmp_path):
+    from inference.bridge.config import load_bridge_config
+
+    deployment = _find("Deployment", "radserve-bridge")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["terminationGracePeriodSeconds"] > 30
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    claim = volumes["state"]["persistentVolumeClaim"]["claimName"]
+    assert _find("PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert mounts["state"] == "/var/lib/radserve-bridge"
+    assert f'"--state", "{mounts["state"]}"' in (ROOT / "Dockerfile.client").read_text()  # the image's entrypoint
+    config = _find("ConfigMap", volumes["config"]["configMap"]["name"])["data"]["bridge.yaml"]
+    args = dict(a.lstrip("-").split("=", 1) for a in container["args"])
+    assert args["config"] == f"{mounts['config']}/bridge.yaml"
+    # The rules in the ConfigMap are valid bridge settings (bounds, keywords, regular expressions).
+    path = tmp_path / "bridge.yaml"
+    path.write_text(config)
+    loaded = load_bridge_config(
+        {"dicomweb_url": args["dicomweb"], "server": "radserve:50051", "state_dir": mounts["state"]}, config_file=path
+    )
+    assert any(rule.priority == "STAT" for rule in loaded.priority)
+    assert container["livenessProbe"]["httpGet"]["port"] == 9465
+
+
+def test_dockerfile_client_lints_clean_and_installs_no_server():
+    result = subprocess.run(
+        [_hadolint(), "--config", str(ROOT / ".hadolint.yaml"), "--no-color", str(ROOT / "Dockerfile.client")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+    text = (ROOT / "Dockerfile.client").read_text()
+    assert '".[client]"' in text and "torch" not in text.replace("PyTorch", "")
+    users = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
+    assert users and not users[-1].startswith(("root", "0"))

@@ -436,19 +436,19 @@ FILE_CASES = [
         "pixel_spacing_zero",
         build_pixel_spacing_zero,
         "INVALID_ARGUMENT",
-        ("file 2: PixelSpacing [0, 0.7]", "positive finite"),
+        ("file 2: PixelSpacing [0, 0.7]", "plausible range 0.001-100 mm"),
     ),
     FileCase(
         "pixel_spacing_negative",
         build_pixel_spacing_negative,
         "INVALID_ARGUMENT",
-        ("file 3: PixelSpacing [0.7, -0.7]", "positive finite"),
+        ("file 3: PixelSpacing [0.7, -0.7]", "plausible range 0.001-100 mm"),
     ),
     FileCase(
         "pixel_spacing_nan",
         build_pixel_spacing_nan,
         "INVALID_ARGUMENT",
-        ("file 4: PixelSpacing [nan, 0.7]", "positive finite"),
+        ("file 4: PixelSpacing [nan, 0.7]", "plausible range 0.001-100 mm"),
     ),
     FileCase(
         "duplicate_slice",
@@ -474,7 +474,7 @@ FILE_CASES = [
         build_mixed_series,
         "INVALID_ARGUMENT",
         (
-            "2 image series and none was chosen (set series_instance_uid)",
+            "2 image series and none was chosen (set series_instance_uid to one's UID or to the hash shown here",
             f"series 1 ({hash_uid(SERIES_1)}, 6 images)",
             f"series 2 ({hash_uid(SERIES_2)}, 6 images)",
         ),

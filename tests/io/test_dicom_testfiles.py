@@ -7,6 +7,7 @@ those tests skip (``get_testdata_file(..., download=False)`` returns None) and s
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -207,12 +208,11 @@ def test_real_mixed_upload_lists_series_without_uids():
     ("name", "error", "message"),
     [
         ("MR_truncated.dcm", InvalidInputError, r"file 0 is truncated: PixelData declares 8192 bytes but 8130"),
-        ("MR_small_padded.dcm", InvalidInputError, r"file 0: PixelData length mismatch: 8320 bytes, expected 8192"),
         ("no_meta.dcm", InvalidInputError, r"file 0 is not a DICOM file"),
         ("rtstruct.dcm", InvalidInputError, r"file 0 is not a DICOM file"),  # no Part 10 preamble
         ("image_dfl.dcm", InvalidInputError, r"file 0: PixelSpacing \(and ImagerPixelSpacing\) missing"),
-        ("SC_rgb_jpeg.dcm", UnsupportedError, r"PhotometricInterpretation RGB"),
-        ("examples_palette.dcm", UnsupportedError, r"PhotometricInterpretation PALETTE COLOR"),
+        ("SC_rgb_jpeg.dcm", UnsupportedError, r"PhotometricInterpretation 'RGB'"),
+        ("examples_palette.dcm", UnsupportedError, r"PhotometricInterpretation 'PALETTE COLOR'"),
         # libjpeg rejects this file's scan header; python-gdcm would decode it.
         ("JPEG-lossy.dcm", InvalidInputError, r"file 0: pixel data could not be decoded \(.*libjpeg"),
     ],
@@ -220,6 +220,19 @@ def test_real_mixed_upload_lists_series_without_uids():
 def test_real_problem_files(name, error, message):
     with pytest.raises(error, match=message):
         read_dicom_series([data_file(name)])
+
+
+def test_pixel_data_padded_beyond_its_length_is_read_as_pydicom_reads_it():
+    """MR_small_padded.dcm: 8320 bytes of PixelData for 64 x 64 16-bit pixels (8192); pydicom drops the excess."""
+    padded = read_dicom_series([data_file("MR_small_padded.dcm")])
+    plain = pydicom.dcmread(data_file("MR_small_padded.dcm"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the excess padding it removes
+        expected = plain.pixel_array.T.astype(np.float32) * float(plain.get("RescaleSlope", 1)) + float(
+            plain.get("RescaleIntercept", 0)
+        )
+    assert padded.shape == (64, 64, 1)
+    np.testing.assert_array_equal(padded.voxels[:, :, 0], expected)
 
 
 def test_real_non_image_objects_only():

@@ -110,12 +110,11 @@ def test_bad_geometry(geometry, message):
         read_raw(array("uint8").tobytes(), dtype="uint8", shape=SHAPE, modality="CT", **geometry)
 
 
-def test_nan_and_inf_are_replaced_and_reported():
+def test_nan_and_inf_are_refused():
     data = array("float32")
     data[0, 0, 0], data[4, 3, 2] = np.nan, -np.inf
-    volume = read_raw(data.tobytes(), dtype="float32", shape=SHAPE, spacing_mm=(1, 1, 1), modality="CT")
-    assert volume.voxels[0, 0, 0] == 0 and volume.voxels[4, 3, 2] == 0
-    assert volume.warnings == ("2 NaN/Inf voxels replaced with 0",)
+    with pytest.raises(InvalidInputError, match="raw volume has 2 NaN or infinite voxel values"):
+        read_raw(data.tobytes(), dtype="float32", shape=SHAPE, spacing_mm=(1, 1, 1), modality="CT")
 
 
 def test_bad_modality():

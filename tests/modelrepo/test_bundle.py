@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -259,27 +260,37 @@ def write_lung_copy(repo: Path) -> None:
         torch.save(DetectionTask(config, CPU).build_network().state_dict(), directory / "model.pt")
 
 
+OPERATOR_TOKEN = "bundle-tests-operator"  # loading models is an operator's act
+
+
 @pytest.fixture(scope="module")
 def bundle_server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo")
     write_lung_copy(repo)
+    bundles = tmp_path_factory.mktemp("bundles")  # a second model root, where the tests put their bundles
     log_path = tmp_path_factory.mktemp("server") / "server.log"
+    tokens = log_path.parent / "tokens.yaml"
+    tokens.write_text(f"ops:\n  token: {OPERATOR_TOKEN}\n  role: operator\n")
     proc = ServerProcess(models=repo, log_path=log_path, extra_args=["--model-poll-interval-s", "0"])
     proc.env["RADSERVE_WARMUP"] = "0"
     proc.env["RADSERVE_METRICS_PORT"] = "0"
+    proc.env["RADSERVE_AUTH_TOKENS"] = str(tokens)
+    proc.env["RADSERVE_MODEL_ROOTS"] = os.pathsep.join([str(repo), str(bundles)])
+    proc.bundles = bundles
     proc.start()
     yield proc
     proc.stop()
 
 
-def test_spleen_bundle_loads_with_radserve_models_load_and_reads_a_ct(bundle_server, tmp_path, capsys):
-    bundle = write_spleen_bundle(tmp_path / "spleen_ct_segmentation")
-    assert cli_main(["models", "load", str(bundle), "--server", bundle_server.target]) == 0
+def test_spleen_bundle_loads_with_radserve_models_load_and_reads_a_ct(bundle_server, capsys):
+    bundle = write_spleen_bundle(bundle_server.bundles / "spleen_ct_segmentation")
+    target = ["--server", bundle_server.target, "--token", OPERATOR_TOKEN]
+    assert cli_main(["models", "load", str(bundle), *target]) == 0
     assert "spleen_ct_segmentation" in capsys.readouterr().out
     phantom = make_chest_ct(np.random.default_rng(3), shape=(96, 96, 40), pixel_spacing_mm=1.5, slice_spacing_mm=2.5)
     volume = phantom.volume
     raw = pb.RawArray(dtype="float32", shape=volume.shape, affine=volume.affine.ravel().tolist())
-    client = ReadingClient(bundle_server.target)
+    client = ReadingClient(bundle_server.target, token=OPERATOR_TOKEN)
     try:
         listing = {m.name: m for m in client.list_models().models}
         spleen = listing["spleen_ct_segmentation"]
@@ -300,18 +311,18 @@ def test_spleen_bundle_loads_with_radserve_models_load_and_reads_a_ct(bundle_ser
         assert client.list_models().default_models["CT"] == "lung_nodule_ct:1"
     finally:
         client.close()
-    assert cli_main(["models", "unload", "spleen_ct_segmentation", "--server", bundle_server.target]) == 0
-    assert cli_main(["models", "unload", "spleen_ct_segmentation", "--server", bundle_server.target]) == 1
+    assert cli_main(["models", "unload", "spleen_ct_segmentation", *target]) == 0
+    assert cli_main(["models", "unload", "spleen_ct_segmentation", *target]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
 
 
-def test_lung_nodule_bundle_loads_with_radserve_models_load_and_reads_a_ct(bundle_server, tmp_path, capsys):
+def test_lung_nodule_bundle_loads_with_radserve_models_load_and_reads_a_ct(bundle_server, capsys):
     """The published config with weights of its shapes loads (not run: a CPU forward is minutes); the reduced
     variant of the same config loads under the same name and version and reads a chest CT."""
-    target = ["--server", bundle_server.target]
-    client = ReadingClient(bundle_server.target)
+    target = ["--server", bundle_server.target, "--token", OPERATOR_TOKEN]
+    client = ReadingClient(bundle_server.target, token=OPERATOR_TOKEN)
     try:
-        bundle = copy_bundle(LUNG_ZOO, tmp_path / "lung_nodule_ct_detection", {})
+        bundle = copy_bundle(LUNG_ZOO, bundle_server.bundles / "lung_nodule_ct_detection", {})
         torch.save(load_bundle(bundle).network_factory().state_dict(), bundle / "models" / "model.pt")
         assert cli_main(["models", "load", str(bundle), *target]) == 0
         lung = {m.name: m for m in client.list_models().models}["lung_nodule_ct_detection"]
@@ -320,7 +331,10 @@ def test_lung_nodule_bundle_loads_with_radserve_models_load_and_reads_a_ct(bundl
         assert cli_main(["models", "unload", "lung_nodule_ct_detection", *target]) == 0
 
         small = copy_bundle(
-            LUNG_ZOO, tmp_path / "lung_small", reduced_lung_state_dict(), inference=reduced_lung_inference()
+            LUNG_ZOO,
+            bundle_server.bundles / "lung_small",
+            reduced_lung_state_dict(),
+            inference=reduced_lung_inference(),
         )
         assert cli_main(["models", "load", str(small), *target]) == 0
         phantom = make_chest_ct(

@@ -27,6 +27,7 @@ from inference.serverproc import ServerProcess
 from inference.tasks.detection import DetectionTask
 
 ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "hot-reload-operator-token"  # model management is an operator's act (a tenant with role: operator)
 LUNG = ROOT / "models" / "lung_nodule_ct" / "1"
 NAME = "lung_nodule_ct"
 
@@ -74,7 +75,11 @@ def staging(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(repo, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    proc = ServerProcess(models=repo, log_path=log_path, extra_args=["--model-poll-interval-s", "0.5"])
+    tokens = log_path.parent / "tokens.yaml"
+    tokens.write_text(yaml.safe_dump({"ops": {"token": TOKEN, "role": "operator"}}))
+    proc = ServerProcess(
+        models=repo, log_path=log_path, extra_args=["--model-poll-interval-s", "0.5", "--auth-tokens", str(tokens)]
+    )
     proc.env["RADSERVE_METRICS_PORT"] = "0"
     proc.start()
     yield proc
@@ -115,7 +120,7 @@ class ReadStream:
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
 
     def _run(self) -> None:
-        client = ReadingClient(self.target)
+        client = ReadingClient(self.target, token=TOKEN)
         data, raw = self.study
         try:
             while not self._stop.is_set():
@@ -147,7 +152,7 @@ class ReadStream:
 
 
 def test_version_swap_under_a_stream_of_reads_loses_no_read(server, repo, staging, study, capsys):
-    client = ReadingClient(server.target)
+    client = ReadingClient(server.target, token=TOKEN)
     try:
         with ReadStream(server.target, study) as stream:
             stream.wait_reads(0, 2, "1")
@@ -167,10 +172,12 @@ def test_version_swap_under_a_stream_of_reads_loses_no_read(server, repo, stagin
             assert "2" not in versions(client)
 
             # `radserve models load DIR` brings it back; unload it again with the CLI.
-            assert cli_main(["models", "load", str(repo / NAME / "2"), "--server", server.target]) == 0
+            assert (
+                cli_main(["models", "load", str(repo / NAME / "2"), "--server", server.target, "--token", TOKEN]) == 0
+            )
             loaded_at = time.monotonic()
             stream.wait_reads(loaded_at, 2, "2")
-            assert cli_main(["models", "unload", f"{NAME}:2", "--server", server.target]) == 0
+            assert cli_main(["models", "unload", f"{NAME}:2", "--server", server.target, "--token", TOKEN]) == 0
             stream.wait_reads(time.monotonic(), 2, "1")
         assert stream.errors == [], stream.errors
         assert len(stream.results) >= 10
@@ -183,7 +190,7 @@ def test_version_swap_under_a_stream_of_reads_loses_no_read(server, repo, stagin
 
 
 def test_broken_versions_are_failed_with_the_reason_and_the_working_version_keeps_serving(server, repo, staging, study):
-    client = ReadingClient(server.target)
+    client = ReadingClient(server.target, token=TOKEN)
     try:
         for version in ("3", "4", "5"):
             shutil.copytree(repo / NAME / "1", staging / version)
@@ -224,7 +231,7 @@ def test_broken_versions_are_failed_with_the_reason_and_the_working_version_keep
 
 
 def test_weights_replaced_in_place_are_reloaded_while_reads_continue(server, repo, staging, study):
-    client = ReadingClient(server.target)
+    client = ReadingClient(server.target, token=TOKEN)
     weights = repo / NAME / "1" / "model.pt"
     original = staging / "original.pt"
     shutil.copy(weights, original)

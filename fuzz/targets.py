@@ -1,0 +1,94 @@
+"""What the fuzzer runs on one input, without atheris: tests/fuzz/test_fuzz.py replays the corpus and the crashes
+through :func:`one_input` on every ``make test``.
+
+Input format: byte 0 picks the target (modulo 4), the rest is its payload:
+
+* ``0`` DICOM series: the payload split on :data:`FILE_SEPARATOR` into at most 8 files;
+* ``1`` NIfTI (``.nii`` or ``.nii.gz``): the payload is the file;
+* ``2`` RAW: byte 0 the dtype (index into RAW_DTYPES), bytes 1-3 the shape (each 1..16), bytes 4-15 three
+  little-endian float32 spacings, byte 16 the modality (CT, MR, CR, DX), the rest the array bytes;
+* ``3`` Read stream: length-prefixed (uint32, little-endian) serialized ReadRequest messages, assembled as the
+  server assembles a stream (UploadAssembler, with the server's limits) and then read as the header says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+import warnings
+
+from inference.api.gen.radserve.v1 import reading_pb2 as pb
+from inference.api.upload import UploadAssembler, read_payload
+from inference.errors import RadserveError
+from inference.io import RAW_DTYPES, InputLimits, read_dicom_series, read_nifti, read_raw
+
+FILE_SEPARATOR = b"\x00RADSERVE-FILE\x00"
+MAX_FILES = 8
+MAX_MESSAGES = 64
+MODALITIES = ("CT", "MR", "CR", "DX")
+# Small limits: each input decodes in milliseconds and a few MB, so that libFuzzer explores rather than waits.
+LIMITS = InputLimits(
+    max_voxels=1 << 20,
+    max_request_bytes=1 << 22,
+    max_files=MAX_FILES,
+    max_chunk_bytes=1 << 20,
+    max_dimension=4096,
+    max_inflated_bytes=1 << 24,
+)
+
+
+def _dicom(payload: bytes) -> None:
+    read_dicom_series(payload.split(FILE_SEPARATOR)[:MAX_FILES], limits=LIMITS)
+
+
+def _nifti(payload: bytes) -> None:
+    read_nifti(payload, modality="MR", limits=LIMITS)
+
+
+def _raw(payload: bytes) -> None:
+    if len(payload) < 17:
+        return
+    dtype = RAW_DTYPES[payload[0] % len(RAW_DTYPES)]
+    shape = tuple(1 + b % 16 for b in payload[1:4])
+    spacing = struct.unpack("<3f", payload[4:16])
+    read_raw(payload[17:], dtype=dtype, shape=shape, spacing_mm=spacing, modality=MODALITIES[payload[16] % 4],
+             limits=LIMITS)  # fmt: skip
+
+
+def _stream(payload: bytes) -> None:
+    assembler = UploadAssembler(LIMITS)
+    offset = 0
+    for _ in range(MAX_MESSAGES):
+        if offset + 4 > len(payload):
+            break
+        (size,) = struct.unpack_from("<I", payload, offset)
+        body = payload[offset + 4 : offset + 4 + min(size, 1 << 20)]
+        offset += 4 + len(body)
+        try:
+            message = pb.ReadRequest.FromString(body)
+        except Exception:  # not a ReadRequest: gRPC would have refused it before the servicer
+            return
+        assembler.add(message)
+    upload = assembler.finish()
+    files = [bytes(f) for f in upload.files]
+    if upload.header.HasField("shared_memory") or upload.header.HasField("file"):
+        return  # referenced payloads are refused by default (IngestPolicy), not read from this machine
+    read_payload(upload.header, upload.payload, files, LIMITS)
+
+
+TARGETS = (_dicom, _nifti, _raw, _stream)
+
+
+def one_input(data: bytes) -> None:
+    """Run one input; returns normally or raises RadserveError's subclasses only (anything else is a finding)."""
+    if not data:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # library warnings about odd files are expected, not findings
+        with contextlib.suppress(RadserveError):
+            TARGETS[data[0] % len(TARGETS)](data[1:])
+
+
+def encode_stream(*messages: pb.ReadRequest) -> bytes:
+    """The target-3 payload of a stream of messages (for seeds and regression cases)."""
+    return b"".join(struct.pack("<I", len(m.SerializeToString())) + m.SerializeToString() for m in messages)
