@@ -29,7 +29,8 @@ BLOCKER = textwrap.dedent(
 
     HEAVY = {"torch", "torchvision", "monai", "scipy", "highdicom", "tritonclient"}
     ALLOWED = {"inference", "inference.api", "inference.cli", "inference.client"}
-    ALLOWED_PACKAGES = ("inference.evaluation", "inference.api.gen")
+    # The other clients of the API may load (the parser registers the bridge); no module of the server may.
+    ALLOWED_PACKAGES = ("inference.evaluation", "inference.api.gen", "inference.bridge")
 
     class Blocker(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
