@@ -29,8 +29,8 @@ import torch
 
 from inference.engine.direct import forward_items, load_network, run_direct
 from inference.engine.task import Task
-from inference.modelrepo.registry import task_class
 from inference.modelrepo.schema import ModelConfig
+from inference.serving.registry import task_class
 
 logger = logging.getLogger(__name__)
 

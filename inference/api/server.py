@@ -6,7 +6,7 @@ finish, then the process exits 0. With a remote backend (Triton), a watcher asks
 whether each backend is ready: health is NOT_SERVING while one is not, and SERVING again once it is, without
 a restart (reads meanwhile fail with UNAVAILABLE within their deadline).
 
-Models change while serving (``inference.modelrepo.watcher``, LoadModel, UnloadModel): after start-up, health
+Models change while serving (``inference.serving.watcher``, LoadModel, UnloadModel): after start-up, health
 is SERVING exactly while at least one model version is READY.
 
 Work that cannot hang (README "Security, limits and observability"): streamed DICOM and NIfTI payloads are decoded
@@ -45,9 +45,9 @@ from inference.api.upload import ReceivePolicy
 from inference.config import ServerConfig
 from inference.io.workers import DecodeWorkers
 from inference.metrics import ServerMetrics
-from inference.modelrepo.registry import ModelRegistry
-from inference.modelrepo.watcher import RepositoryWatcher
 from inference.platform import select_device
+from inference.serving.registry import ModelRegistry
+from inference.serving.watcher import RepositoryWatcher
 
 logger = logging.getLogger(__name__)
 

@@ -81,7 +81,7 @@ class _FlatOutputs(torch.nn.Module):
 def _load_network(config: Any, device: torch.device) -> tuple[Any, torch.nn.Module]:
     """(task, network with weights, eval, on ``device``): the server's own construction path."""
     from inference.backends.torch import TorchBackend
-    from inference.modelrepo.registry import task_class
+    from inference.serving.registry import task_class
 
     task = task_class(config)(config, device)
     network = task.build_network()

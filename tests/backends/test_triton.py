@@ -133,8 +133,8 @@ def test_model_yaml_backend_overrides_the_server_flag():
     import yaml
 
     from inference.backends.triton import TritonBackend
-    from inference.modelrepo.registry import backend_of, build_runner
     from inference.modelrepo.schema import ModelConfig
+    from inference.serving.registry import backend_of, build_runner
 
     path = MODELS / "chest_xray" / "1" / "model.yaml"
     data = yaml.safe_load(path.read_text())
@@ -329,8 +329,8 @@ def _read(target: str, data: bytes, raw, timeout_s: float = 120.0):
 
 def _torch_findings(volume) -> list:
     from inference.engine.direct import load_network, run_direct
-    from inference.modelrepo.registry import task_class
     from inference.modelrepo.schema import ModelConfig
+    from inference.serving.registry import task_class
 
     config = ModelConfig.from_yaml(MODELS / CT_MODEL / "1" / "model.yaml")
     task = task_class(config)(config, torch.device("cpu"))

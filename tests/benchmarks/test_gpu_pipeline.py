@@ -22,9 +22,9 @@ import torch
 
 from inference.engine.direct import forward_items, load_network, run_direct
 from inference.engine.preprocess import preprocess
-from inference.modelrepo.registry import task_class
 from inference.modelrepo.schema import ModelConfig
 from inference.phantoms import make_brain_mr, make_chest_ct, write_dicom_series
+from inference.serving.registry import task_class
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.cuda
