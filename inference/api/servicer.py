@@ -50,7 +50,7 @@ from inference.io.volume import Volume
 from inference.io.workers import DecodeJob, DecodeWorkers
 from inference.outputs.algorithm import Algorithm
 from inference.outputs.derived import DerivedObjects, build_derived
-from inference.postprocess.finding import Finding
+from inference.outputs.finding import Finding
 from inference.serving.registry import ModelListing, ModelRegistry, VersionState
 
 logger = logging.getLogger(__name__)

@@ -31,11 +31,11 @@ import torch
 from inference.backends.base import Backend
 from inference.engine.batcher import DynamicBatcher
 from inference.engine.scheduler import Priority
-from inference.engine.task import PreparedStudy, Task
 from inference.errors import LimitExceededError
 from inference.io.volume import Volume
 from inference.modelrepo.schema import ModelConfig
-from inference.postprocess.finding import Finding, FindingMask
+from inference.outputs.finding import Finding, FindingMask
+from inference.tasks.base import PreparedStudy, Task
 
 logger = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ import yaml
 from inference.backends.torch import TorchBackend
 from inference.config import TritonConfig
 from inference.engine.runner import ModelRunner
-from inference.engine.task import Task
 from inference.errors import BackendUnavailableError, InvalidInputError, ModalityMismatchError, ModelNotFoundError
 from inference.modelrepo.repository import VersionSource, discover, sources_at, version_key
 from inference.modelrepo.schema import MODALITIES, ModelConfig
+from inference.tasks.base import Task
 
 logger = logging.getLogger(__name__)
 

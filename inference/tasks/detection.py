@@ -2,7 +2,7 @@
 
 ``prepare`` resamples the study with the model's preprocessing and cuts it into ROI-sized patches;
 ``split_outputs`` decodes one batched forward pass into boxes per patch (MONAI's anchors, box coder and
-box selector, see :mod:`inference.postprocess.detection`); ``finalize`` merges the patches' boxes,
+box selector, see :mod:`inference.tasks.postprocess.detection`); ``finalize`` merges the patches' boxes,
 maps them into patient coordinates and returns Findings sorted by score.
 """
 
@@ -16,17 +16,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from inference.engine.patches import PatchPlan, extract_patches, plan_patches
-from inference.engine.preprocess import preprocess
-from inference.engine.task import PreparedStudy, Task, TaskResult
 from inference.io.volume import Volume
 from inference.modelrepo.schema import ALLOWED_TARGET_PREFIXES, ModelConfig, NetworkConfig
-from inference.postprocess.detection import (
+from inference.tasks.base import PreparedStudy, Task, TaskResult
+from inference.tasks.patches import PatchPlan, extract_patches, plan_patches
+from inference.tasks.postprocess.detection import (
     Detections,
     RetinaNetDecoder,
     boxes_to_findings,
     merge_patch_detections,
 )
+from inference.tasks.preprocess import preprocess
 
 logger = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@
 
 Items are (C, X, Y) tensors in the Volume's axis order (column axis first), so network boxes are
 ``[x0, y0, x1, y1]`` = ``[column0, row0, column1, row1]`` in input-grid voxel-edge coordinates (the box
-convention of :mod:`inference.postprocess.detection`); every item of a model has the same shape, so images
+convention of :mod:`inference.tasks.postprocess.detection`); every item of a model has the same shape, so images
 from many requests share a forward pass. ``split_outputs`` decodes with the 3-D detector's
-:class:`~inference.postprocess.detection.RetinaNetDecoder` (it is dimension-agnostic). ``finalize`` maps boxes
+:class:`~inference.tasks.postprocess.detection.RetinaNetDecoder` (it is dimension-agnostic). ``finalize`` maps boxes
 back to source pixels and then to the projection contract's image-plane mm (:func:`projection_findings`).
 """
 
@@ -33,14 +33,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from inference.engine.preprocess import zscore_foreground
-from inference.engine.task import PreparedStudy, Task, TaskResult
 from inference.errors import InvalidInputError
 from inference.io.volume import Volume
 from inference.modelrepo.schema import ModelConfig, PreprocessConfig
-from inference.postprocess.detection import Detections, RetinaNetDecoder
-from inference.postprocess.finding import Finding
+from inference.outputs.finding import Finding
+from inference.tasks.base import PreparedStudy, Task, TaskResult
 from inference.tasks.detection import instantiate_network
+from inference.tasks.postprocess.detection import Detections, RetinaNetDecoder
+from inference.tasks.preprocess import zscore_foreground
 
 logger = logging.getLogger(__name__)
 

@@ -22,13 +22,13 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull
 from scipy.spatial.distance import cdist
 
-from inference.engine.patches import PatchPlan, extract_patches, plan_patches
-from inference.engine.preprocess import preprocess
-from inference.engine.task import PreparedStudy, Task, TaskResult
 from inference.io.volume import Volume
 from inference.modelrepo.schema import BLEND_MODES, ModelConfig
-from inference.postprocess.finding import Finding, FindingMask
+from inference.outputs.finding import Finding, FindingMask
+from inference.tasks.base import PreparedStudy, Task, TaskResult
 from inference.tasks.detection import instantiate_network
+from inference.tasks.patches import PatchPlan, extract_patches, plan_patches
+from inference.tasks.preprocess import preprocess
 
 logger = logging.getLogger(__name__)
 

@@ -44,8 +44,8 @@ import numpy as np
 import torch
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 
-from inference.engine.direct import load_network, run_direct
 from inference.modelrepo.schema import ModelConfig
+from inference.outputs.finding import Finding
 from inference.phantoms.chest_xray import (
     BITS_STORED_CHOICES,
     PHOTOMETRICS,
@@ -56,8 +56,8 @@ from inference.phantoms.chest_xray import (
     render_chest_xray,
     sample_chest_xray_params,
 )
-from inference.postprocess.detection import build_anchor_generator
-from inference.postprocess.finding import Finding
+from inference.tasks.direct import load_network, run_direct
+from inference.tasks.postprocess.detection import build_anchor_generator
 from inference.tasks.projection import (
     ProjectionDetectionTask,
     ProjectionGeometry,

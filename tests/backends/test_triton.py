@@ -328,9 +328,9 @@ def _read(target: str, data: bytes, raw, timeout_s: float = 120.0):
 
 
 def _torch_findings(volume) -> list:
-    from inference.engine.direct import load_network, run_direct
     from inference.modelrepo.schema import ModelConfig
     from inference.serving.registry import task_class
+    from inference.tasks.direct import load_network, run_direct
 
     config = ModelConfig.from_yaml(MODELS / CT_MODEL / "1" / "model.yaml")
     task = task_class(config)(config, torch.device("cpu"))

@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from inference.engine.task import Task, TaskResult
 from inference.io.volume import Volume
+from inference.outputs.finding import Finding
 from inference.platform import autocast_dtype
-from inference.postprocess.finding import Finding
+from inference.tasks.base import Task, TaskResult
 
 __all__ = ["forward_items", "load_network", "run_direct", "run_direct_result"]
 
