@@ -17,7 +17,7 @@ thread is stuck in.
 
 Security (``inference.api.security``): TLS or mutual TLS when configured, plaintext only on a loopback host
 or with ``insecure``; bearer-token authentication of the ReadingService when a tokens file is given.
-Observability (``inference.metrics``): Prometheus metrics on ``metrics_port``; one audit record per read.
+Observability (``inference.api.metrics``): Prometheus metrics on ``metrics_port``; one audit record per read.
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.api.gen.radserve.v1 import reading_pb2_grpc as pb_grpc
 from inference.api.ingest import IngestPolicy
 from inference.api.interceptors import ErrorInterceptor
+from inference.api.metrics import ServerMetrics
 from inference.api.security import AuthInterceptor, Security, is_loopback, load_security
 from inference.api.servicer import ReadingServicer
 from inference.api.upload import ReceivePolicy
 from inference.config import ServerConfig
 from inference.io.workers import DecodeWorkers
-from inference.metrics import ServerMetrics
 from inference.platform import select_device
 from inference.serving.registry import ModelRegistry
 from inference.serving.watcher import RepositoryWatcher
