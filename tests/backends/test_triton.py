@@ -26,11 +26,11 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2
 
+from inference.backends.triton.layout import flatten, layout_names, parse_layout, rebuild
 from inference.config import TritonConfig
 from inference.errors import BackendUnavailableError
 from inference.serverproc import ServerProcess, free_port, health_status
 from inference.triton.config_pbtxt import TensorSpec, TritonModelSpec, input_spec, parse_config, render_config
-from inference.triton.layout import flatten, layout_names, parse_layout, rebuild
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "models"
@@ -225,7 +225,7 @@ class TritonUnderTest:
     def start(self, timeout_s: float = 240.0) -> None:
         from tritonclient.utils import InferenceServerException
 
-        from inference.triton.client import connect
+        from inference.backends.triton.client import connect
 
         self.starts += 1
         log = open(self.log_dir / f"triton-{self.starts}.log", "wb")  # noqa: SIM115 - closed with the process
@@ -251,7 +251,7 @@ class TritonUnderTest:
         return (self.log_dir / f"triton-{self.starts}.log").read_text(errors="replace")[-4000:]
 
     def inference_count(self) -> int:
-        from inference.triton.client import connect
+        from inference.backends.triton.client import connect
 
         client = connect(self.url)
         try:
