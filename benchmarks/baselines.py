@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from inference.modelrepo.schema import ModelConfig
-from inference.serving.registry import task_class
+from inference.tasks import task_class
 from inference.tasks.base import Task
 from inference.tasks.direct import forward_items, load_network, run_direct
 

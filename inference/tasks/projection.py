@@ -38,7 +38,6 @@ from inference.io.volume import Volume
 from inference.modelrepo.schema import ModelConfig, PreprocessConfig
 from inference.outputs.finding import Finding
 from inference.tasks.base import PreparedStudy, Task, TaskResult
-from inference.tasks.detection import instantiate_network
 from inference.tasks.postprocess.detection import Detections, RetinaNetDecoder
 from inference.tasks.preprocess import zscore_foreground
 
@@ -241,9 +240,6 @@ class ProjectionDetectionTask(Task):
     @property
     def item_shape(self) -> tuple[int, ...]:
         return (self.in_channels, *self.input_shape)
-
-    def build_network(self) -> torch.nn.Module:
-        return instantiate_network(self.config.network)
 
     def plan(self, volume: Volume) -> ProjectionGeometry:
         if volume.shape[2] != 1:

@@ -26,7 +26,6 @@ from inference.io.volume import Volume
 from inference.modelrepo.schema import BLEND_MODES, ModelConfig
 from inference.outputs.finding import Finding, FindingMask
 from inference.tasks.base import PreparedStudy, Task, TaskResult
-from inference.tasks.detection import instantiate_network
 from inference.tasks.patches import PatchPlan, extract_patches, plan_patches
 from inference.tasks.preprocess import preprocess
 
@@ -117,9 +116,6 @@ class SegmentationTask(Task):
     @property
     def item_shape(self) -> tuple[int, ...]:
         return (self.in_channels, *self.roi_size)
-
-    def build_network(self) -> torch.nn.Module:
-        return instantiate_network(self.config.network)
 
     def prepare(self, volume: Volume) -> PreparedStudy:
         start = time.perf_counter()

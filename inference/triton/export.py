@@ -80,13 +80,10 @@ class _FlatOutputs(torch.nn.Module):
 
 def _load_network(config: Any, device: torch.device) -> tuple[Any, torch.nn.Module]:
     """(task, network with weights, eval, on ``device``): the server's own construction path."""
-    from inference.backends.torch import TorchBackend
-    from inference.serving.registry import task_class
+    from inference.tasks import task_class
 
     task = task_class(config)(config, device)
-    network = task.build_network()
-    TorchBackend.from_weights(network, config.weights_path, device)  # loads the weights into `network`
-    return task, network.to(device).eval()
+    return task, task.load_network()
 
 
 def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:

@@ -134,7 +134,7 @@ def test_model_yaml_backend_overrides_the_server_flag():
 
     from inference.backends.triton import TritonBackend
     from inference.modelrepo.schema import ModelConfig
-    from inference.serving.registry import backend_of, build_runner
+    from inference.serving.runners import backend_of, build_runner
 
     path = MODELS / "chest_xray" / "1" / "model.yaml"
     data = yaml.safe_load(path.read_text())
@@ -329,7 +329,7 @@ def _read(target: str, data: bytes, raw, timeout_s: float = 120.0):
 
 def _torch_findings(volume) -> list:
     from inference.modelrepo.schema import ModelConfig
-    from inference.serving.registry import task_class
+    from inference.tasks import task_class
     from inference.tasks.direct import load_network, run_direct
 
     config = ModelConfig.from_yaml(MODELS / CT_MODEL / "1" / "model.yaml")

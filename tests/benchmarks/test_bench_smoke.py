@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from inference.modelrepo.schema import ModelConfig
-from inference.serving.registry import task_class
+from inference.tasks import task_class
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -22,7 +22,7 @@ import torch
 
 from inference.modelrepo.schema import ModelConfig
 from inference.phantoms import make_brain_mr, make_chest_ct, write_dicom_series
-from inference.serving.registry import task_class
+from inference.tasks import task_class
 from inference.tasks.direct import forward_items, load_network, run_direct
 from inference.tasks.preprocess import preprocess
 

@@ -29,7 +29,8 @@ from inference.modelrepo.bundle import load_bundle
 from inference.modelrepo.schema import BUNDLE_NETWORK_TARGET, ModelConfig, PostprocessConfig
 from inference.phantoms import make_chest_ct
 from inference.serverproc import ServerProcess
-from inference.serving.registry import build_runner, task_class
+from inference.serving.runners import build_runner
+from inference.tasks import task_class
 from inference.tasks.detection import DetectionTask
 from inference.tasks.segmentation import SegmentationTask
 

@@ -14,7 +14,7 @@ from inference.errors import InvalidInputError
 from inference.io.volume import SourceImage, SourceRefs, Volume
 from inference.modelrepo.schema import ModelConfig
 from inference.phantoms import make_chest_xray, render_chest_xray, sample_chest_xray_params, write_xray_dicom
-from inference.serving.registry import task_class
+from inference.tasks import task_class
 from inference.tasks.direct import load_network, run_direct
 from inference.tasks.postprocess.detection import Detections
 from inference.tasks.projection import ProjectionDetectionTask, ProjectionGeometry, projection_findings

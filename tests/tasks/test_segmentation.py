@@ -12,7 +12,7 @@ from inference.io.volume import SourceImage, SourceRefs, Volume
 from inference.modelrepo.schema import ModelConfig
 from inference.phantoms import make_brain_mr
 from inference.phantoms.brain_mr import BallUnion
-from inference.serving.registry import task_class
+from inference.tasks import task_class
 from inference.tasks.direct import load_network, run_direct
 from inference.tasks.patches import extract_patches, plan_patches
 from inference.tasks.segmentation import SegmentationTask, mask_to_findings, stitch_patches
