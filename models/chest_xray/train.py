@@ -58,12 +58,8 @@ from inference.phantoms.chest_xray import (
 )
 from inference.tasks.direct import load_network, run_direct
 from inference.tasks.postprocess.detection import build_anchor_generator
-from inference.tasks.projection import (
-    ProjectionDetectionTask,
-    ProjectionGeometry,
-    normalize_and_pad,
-    projection_findings,
-)
+from inference.tasks.postprocess.projection import ProjectionGeometry, projection_findings
+from inference.tasks.projection import ProjectionDetectionTask, normalize_and_pad
 from inference.training import cpu_name, setup
 
 logger = logging.getLogger("train_chest_xray")

@@ -17,7 +17,8 @@ from inference.phantoms import make_chest_xray, render_chest_xray, sample_chest_
 from inference.tasks import task_class
 from inference.tasks.direct import load_network, run_direct
 from inference.tasks.postprocess.detection import Detections
-from inference.tasks.projection import ProjectionDetectionTask, ProjectionGeometry, projection_findings
+from inference.tasks.postprocess.projection import ProjectionGeometry, projection_findings
+from inference.tasks.projection import ProjectionDetectionTask
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_YAML = ROOT / "models" / "chest_xray" / "1" / "model.yaml"

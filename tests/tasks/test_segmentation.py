@@ -15,7 +15,8 @@ from inference.phantoms.brain_mr import BallUnion
 from inference.tasks import task_class
 from inference.tasks.direct import load_network, run_direct
 from inference.tasks.patches import extract_patches, plan_patches
-from inference.tasks.segmentation import SegmentationTask, mask_to_findings, stitch_patches
+from inference.tasks.postprocess.segmentation import mask_to_findings, stitch_patches
+from inference.tasks.segmentation import SegmentationTask
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_YAML = ROOT / "models" / "brain_lesion_mr" / "1" / "model.yaml"
