@@ -240,7 +240,7 @@ class ModelRegistry:
                     try:
                         await asyncio.to_thread(runner.warmup)
                     except BackendUnavailableError as exc:
-                        if not hasattr(runner.backend, "is_ready"):
+                        if not runner.backend.remote:
                             raise
                         # A remote backend that is down is no broken version: the version serves once it is
                         # back, and health says NOT_SERVING meanwhile (the server's backend watcher).
@@ -339,11 +339,10 @@ class ModelRegistry:
 
     def backends_ready(self) -> bool:
         """Whether every READY version's backend can run now (a remote one, e.g. Triton, is asked; blocking:
-        call it in a thread). Backends without ``is_ready`` (torch) always can."""
+        call it in a thread). A local backend (torch) always can."""
         ready = True
         for runner in self.runners:
-            is_ready = getattr(runner.backend, "is_ready", None)
-            if is_ready is not None and not is_ready():
+            if not runner.backend.is_ready():
                 ready = False  # ask every backend, so that each logs its own transitions
         return ready
 

@@ -72,6 +72,7 @@ class _RetriableError(Exception):
 
 class TritonBackend(Backend):
     name = "triton"
+    remote = True
 
     def __init__(
         self,
