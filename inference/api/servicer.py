@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 
 from inference.api import upload as uploads
 from inference.api.admission import (
@@ -32,8 +34,10 @@ from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.api.gen.radserve.v1 import reading_pb2_grpc as pb_grpc
 from inference.api.ingest import IngestPolicy
 from inference.api.interceptors import call_record_var, request_id_var
+from inference.api.progressive import ProgressiveRead, expected_instances
 from inference.api.security import PermissionDeniedError, check_model_allowed, tenant_var
-from inference.engine.runner import without_voxels
+from inference.engine.progressive import SlabRead, start_slab_read
+from inference.engine.runner import ModelRunner, ReadResult, without_voxels
 from inference.engine.scheduler import Priority
 from inference.errors import (
     DeadlineExceededError,
@@ -44,6 +48,7 @@ from inference.errors import (
     escape_text,
     quote,
 )
+from inference.io.assembly import ExpectedGrid, SliceAssembly
 from inference.io.dicom import hash_uid
 from inference.io.limits import InputLimits
 from inference.io.volume import Volume
@@ -200,8 +205,22 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
             held_upload_bytes += n_bytes
 
         held.callback(lambda: memory.release(held_upload_bytes))
+        progressive: ProgressiveRead | None = None
+
+        def file_done(upload: uploads.Upload, index: int) -> None:
+            nonlocal progressive
+            if upload.payload != pb.DICOM_FILES:
+                return
+            if progressive is None:
+                progressive = self._progressive(upload, deadline_s, reserve_upload)
+                held.push_async_callback(progressive.aclose)
+            upload.files[index] = bytes(upload.files[index])  # complete: pydicom and the workers take bytes
+            progressive.file_done(index, upload.files[index])
+
         with self.admission.upload():
-            upload = await uploads.receive(request_iterator, self._limits, self.receive_policy, reserve_upload)
+            upload = await uploads.receive(
+                request_iterator, self._limits, self.receive_policy, reserve_upload, file_done=file_done
+            )
         request_id_var.set(upload.request_id)
         header = upload.header
         if record is not None:
@@ -212,13 +231,23 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         unknown = wanted - {pb.OUTPUT_KIND_UNSPECIFIED, pb.FINDINGS, pb.DICOM_SR, pb.DICOM_SEG, pb.FHIR}
         if unknown:
             raise InvalidInputError(f"header.outputs holds unknown OutputKind values {sorted(unknown)}")
-        loop = asyncio.get_running_loop()
+        expected_instances(header, self._limits)
         decode_start = time.perf_counter()
-        volume = await self._decode(upload, deadline_s)
+        volume, result = None, None
+        if progressive is not None:
+            volume, result = await progressive.finish(upload.files)
+        if volume is None:
+            volume = await self._decode(upload, deadline_s)
         decode_ms = (time.perf_counter() - decode_start) * 1e3
         n_files = len(upload.files)
         if pb.DICOM_SEG not in wanted:
             upload.files.clear()  # decoded: free the received bytes while the model runs
+        if result is not None:
+            runner = progressive.slabs.runner  # leased, checked and admitted by start_slabs
+            if record is not None:
+                record.model, record.model_version = runner.config.name, runner.config.version
+                record.study_hash = hash_uid(volume.source.study_instance_uid) if volume.source is not None else ""
+            return await self._answer(upload, runner, volume, result, wanted, start, decode_ms, record)
         runner = await held.enter_async_context(
             self._registry.lease(header.model or None, header.model_version or None, volume.modality)
         )
@@ -244,6 +273,21 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         read = runner.read(volume, request_id=upload.request_id, priority=priority, deadline_s=deadline_s)
         volume = without_voxels(volume)  # the runner lets go of the voxels once the study is prepared
         result = await read
+        return await self._answer(upload, runner, volume, result, wanted, start, decode_ms, record)
+
+    async def _answer(
+        self,
+        upload: uploads.Upload,
+        runner: ModelRunner,
+        volume: Volume,
+        result: ReadResult,
+        wanted: set[int],
+        start: float,
+        decode_ms: float,
+        record: object,
+    ) -> ReadOutcome:
+        """The findings and the DICOM outputs asked for, from a read's result (whole-study or progressive)."""
+        loop = asyncio.get_running_loop()
         timing = {"receive": upload.receive_ms, "decode": decode_ms, **result.timing_ms}
         derived = DerivedObjects()
         if wanted & {pb.DICOM_SR, pb.DICOM_SEG, pb.FHIR}:
@@ -278,6 +322,57 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
             fhir_bundle=derived.fhir.decode("utf-8"),
         )
         return ReadOutcome(summary, derived)
+
+    def _progressive(
+        self, upload: uploads.Upload, deadline_s: float | None, reserve: Callable[[int], None]
+    ) -> ProgressiveRead:
+        """A streamed DICOM read decoded as its files arrive, and read by slab when its model can be
+        (inference.api.progressive)."""
+        header = upload.header
+        priority = Priority.STAT if header.priority == pb.STAT else Priority.ROUTINE
+        progressive: ProgressiveRead
+
+        async def start_slabs(first: Volume, grid: ExpectedGrid, assembly: SliceAssembly) -> SlabRead | None:
+            if header.model:
+                check_model_allowed(header.model)
+            runner = await progressive.stack.enter_async_context(
+                self._registry.lease(header.model or None, header.model_version or None, first.modality)
+            )
+            check_model_allowed(runner.config.name)
+            if not runner.config.progressive:
+                return None
+            stand_in = dataclasses.replace(without_voxels(first), voxels=np.broadcast_to(np.float32(0), grid.shape))
+            stand_in = dataclasses.replace(stand_in, affine=grid.affine)
+            check_for_model(stand_in, runner.config, self._limits)
+            peak_bytes = estimate_peak_bytes(stand_in, runner.config)
+            await progressive.stack.enter_async_context(self.admission.compute(peak_bytes, deadline_s))
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._io_executor,
+                functools.partial(
+                    start_slab_read,
+                    runner,
+                    grid.shape,
+                    grid.affine,
+                    assembly.plane,
+                    request_id=upload.request_id,
+                    priority=priority,
+                    deadline_s=deadline_s,
+                    executor=self._io_executor,
+                ),
+            )
+
+        progressive = ProgressiveRead(
+            header,
+            request_id=upload.request_id,
+            limits=self._limits,
+            io_executor=self._io_executor,
+            decode_workers=self.decode_workers,
+            deadline_s=deadline_s,
+            reserve=reserve,
+            start_slabs=start_slabs,
+        )
+        return progressive
 
     async def _decode(self, upload: uploads.Upload, deadline_s: float | None) -> Volume:
         """The payload -> Volume: streamed DICOM and NIfTI in a decode worker process (inference.io.workers), which
