@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows = measure(stub, study.files, study.spec.model, args.rates, args.repeats)
                 results[text] = rows
                 print(format_rows(text, rows), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+                if args.json:  # after every study: a run cut short keeps what it measured
+                    args.json.write_text(json.dumps(results, indent=2))
     return 0
 
 
