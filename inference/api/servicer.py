@@ -42,7 +42,6 @@ from inference.errors import (
     OverloadedError,
     ShuttingDownError,
     escape_text,
-    quote,
 )
 from inference.io.dicom import hash_uid
 from inference.io.limits import InputLimits
@@ -288,26 +287,9 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         if workers is None or uploads.is_referenced(header) or upload.payload not in (pb.DICOM_FILES, pb.NIFTI):
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._io_executor, uploads.decode, upload, self._limits, self._ingest)
-        if upload.payload == pb.DICOM_FILES:
-            job = DecodeJob(
-                "inference.io.dicom:read_dicom_series",
-                {"series_instance_uid": header.series_instance_uid or None, "limits": self._limits},
-                request_id=upload.request_id,
-            )
-        else:
-            if (header.modality or "CT") not in uploads.MODALITIES:
-                raise InvalidInputError(
-                    f"header.modality must be one of {uploads.MODALITIES}, got {quote(header.modality, 32)}"
-                )
-            if len(upload.files) != 1:
-                raise InvalidInputError(f"a NIFTI payload is one file, got {len(upload.files)}")
-            job = DecodeJob(
-                "inference.io.nifti:read_nifti",
-                {"modality": header.modality or "CT", "limits": self._limits},
-                single_payload=True,
-                request_id=upload.request_id,
-            )
-        return await workers.run(job, upload.files, deadline_s)
+        reader = uploads.reader_for(header, upload.payload, self._limits)
+        uploads.check_file_count(reader, upload.payload, upload.files)
+        return await workers.run(DecodeJob(reader, request_id=upload.request_id), upload.files, deadline_s)
 
     async def Read(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[pb.ReadRequest], context: grpc.aio.ServicerContext
