@@ -33,7 +33,6 @@ from inference.api.gen.radserve.v1 import reading_pb2_grpc as pb_grpc
 from inference.api.ingest import IngestPolicy
 from inference.api.interceptors import call_record_var, request_id_var
 from inference.api.security import PermissionDeniedError, check_model_allowed, tenant_var
-from inference.engine.runner import without_voxels
 from inference.engine.scheduler import Priority
 from inference.errors import (
     DeadlineExceededError,
@@ -48,7 +47,7 @@ from inference.io.limits import InputLimits
 from inference.io.volume import Volume
 from inference.io.workers import DecodeJob, DecodeWorkers
 from inference.outputs.algorithm import Algorithm
-from inference.outputs.derived import DerivedObjects, build_derived
+from inference.outputs.derived import DerivedObjects, build_derived, source_headers
 from inference.outputs.finding import Finding
 from inference.serving.registry import ModelListing, ModelRegistry, VersionState
 
@@ -216,8 +215,10 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         volume = await self._decode(upload, deadline_s)
         decode_ms = (time.perf_counter() - decode_start) * 1e3
         n_files = len(upload.files)
-        if pb.DICOM_SEG not in wanted:
-            upload.files.clear()  # decoded: free the received bytes while the model runs
+        source_datasets: list = []
+        if pb.DICOM_SEG in wanted and volume.source is not None:  # the SEG references the instances it was read from
+            source_datasets = await loop.run_in_executor(self._io_executor, source_headers, volume, upload.files)
+        upload.files.clear()  # decoded (and the SEG's headers parsed): free the received bytes while the model runs
         runner = await held.enter_async_context(
             self._registry.lease(header.model or None, header.model_version or None, volume.modality)
         )
@@ -241,7 +242,7 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         )
         priority = Priority.STAT if header.priority == pb.STAT else Priority.ROUTINE
         read = runner.read(volume, request_id=upload.request_id, priority=priority, deadline_s=deadline_s)
-        volume = without_voxels(volume)  # the runner lets go of the voxels once the study is prepared
+        del volume  # the runner holds the study until it is prepared, then only its geometry (result.volume)
         result = await read
         timing = {"receive": upload.receive_ms, "decode": decode_ms, **result.timing_ms}
         derived = DerivedObjects()
@@ -251,14 +252,14 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
                 self._io_executor,
                 functools.partial(
                     build_derived,
-                    volume,
+                    result.volume,
                     result.findings,
                     result.masks,
                     algorithm=Algorithm(runner.config.name, runner.config.version, runner.weights_sha256),
                     want_sr=pb.DICOM_SR in wanted,
                     want_seg=pb.DICOM_SEG in wanted,
                     want_fhir=pb.FHIR in wanted,
-                    source_files=[bytes(f) for f in upload.files] if pb.DICOM_SEG in wanted else (),
+                    source_datasets=source_datasets,
                 ),
             )
             timing["encode"] = (time.perf_counter() - encode_start) * 1e3
