@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -28,19 +29,23 @@ from concurrent.futures import Executor
 
 import numpy as np
 
+from inference.api.admission import Admission, check_for_model, estimate_peak_bytes
 from inference.api.gen.radserve.v1 import reading_pb2 as pb
-from inference.engine.progressive import SlabRead
-from inference.engine.runner import ReadResult
+from inference.api.security import check_model_allowed
+from inference.engine.progressive import SlabRead, start_slab_read
+from inference.engine.runner import ReadResult, without_voxels
+from inference.engine.scheduler import Priority
 from inference.errors import DeadlineExceededError, InvalidInputError, OverloadedError, RadserveError
 from inference.io.assembly import ExpectedGrid, SliceAssembly
 from inference.io.dicom import read_dicom_file, read_dicom_header, read_dicom_series
 from inference.io.limits import InputLimits
 from inference.io.volume import Volume
 from inference.io.workers import DecodeJob, DecodeTimeoutError, DecodeWorkers, WorkerCrashedError
+from inference.serving.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ProgressiveRead", "expected_instances"]
+__all__ = ["ProgressiveRead", "expected_instances", "start_progressive"]
 
 _FATAL = (DecodeTimeoutError, WorkerCrashedError, DeadlineExceededError, OverloadedError)
 _DEFLATED = b"1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: its inflate budget is per study
@@ -186,3 +191,66 @@ class ProgressiveRead:
         if self.slabs is not None:
             self.slabs.cancel()
         await self.stack.aclose()
+
+
+def start_progressive(
+    header: pb.ReadHeader,
+    request_id: str,
+    *,
+    registry: ModelRegistry,
+    admission: Admission,
+    limits: InputLimits,
+    io_executor: Executor,
+    decode_workers: DecodeWorkers | None,
+    deadline_s: float | None,
+    reserve: Callable[[int], None],
+) -> ProgressiveRead:
+    """The servicer's :class:`ProgressiveRead` of one streamed DICOM read. Its slab read starts once the grid is
+    fixed, after what a whole-study read checks before it computes: the model's lease and permission, the model's
+    own ``progressive``, the minimum input and the compute admission (all released by ``aclose``)."""
+    priority = Priority.STAT if header.priority == pb.STAT else Priority.ROUTINE
+    progressive: ProgressiveRead
+
+    async def start_slabs(first: Volume, grid: ExpectedGrid, assembly: SliceAssembly) -> SlabRead | None:
+        if header.model:
+            check_model_allowed(header.model)
+        runner = await progressive.stack.enter_async_context(
+            registry.lease(header.model or None, header.model_version or None, first.modality)
+        )
+        check_model_allowed(runner.config.name)
+        if not runner.config.progressive:
+            return None
+        stand_in = dataclasses.replace(
+            without_voxels(first), voxels=np.broadcast_to(np.float32(0), grid.shape), affine=grid.affine
+        )
+        check_for_model(stand_in, runner.config, limits)
+        await progressive.stack.enter_async_context(
+            admission.compute(estimate_peak_bytes(stand_in, runner.config), deadline_s)
+        )
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            io_executor,
+            functools.partial(
+                start_slab_read,
+                runner,
+                grid.shape,
+                grid.affine,
+                assembly.plane,
+                request_id=request_id,
+                priority=priority,
+                deadline_s=deadline_s,
+                executor=io_executor,
+            ),
+        )
+
+    progressive = ProgressiveRead(
+        header,
+        request_id=request_id,
+        limits=limits,
+        io_executor=io_executor,
+        decode_workers=decode_workers,
+        deadline_s=deadline_s,
+        reserve=reserve,
+        start_slabs=start_slabs,
+    )
+    return progressive

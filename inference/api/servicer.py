@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import logging
@@ -20,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import numpy as np
 
 from inference.api import upload as uploads
 from inference.api.admission import (
@@ -34,10 +32,9 @@ from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.api.gen.radserve.v1 import reading_pb2_grpc as pb_grpc
 from inference.api.ingest import IngestPolicy
 from inference.api.interceptors import call_record_var, request_id_var
-from inference.api.progressive import ProgressiveRead, expected_instances
+from inference.api.progressive import ProgressiveRead, expected_instances, start_progressive
 from inference.api.security import PermissionDeniedError, check_model_allowed, tenant_var
-from inference.engine.progressive import SlabRead, start_slab_read
-from inference.engine.runner import ModelRunner, ReadResult, without_voxels
+from inference.engine.runner import ModelRunner, ReadResult
 from inference.engine.scheduler import Priority
 from inference.errors import (
     DeadlineExceededError,
@@ -46,15 +43,13 @@ from inference.errors import (
     OverloadedError,
     ShuttingDownError,
     escape_text,
-    quote,
 )
-from inference.io.assembly import ExpectedGrid, SliceAssembly
 from inference.io.dicom import hash_uid
 from inference.io.limits import InputLimits
 from inference.io.volume import Volume
 from inference.io.workers import DecodeJob, DecodeWorkers
 from inference.outputs.algorithm import Algorithm
-from inference.outputs.derived import DerivedObjects, build_derived
+from inference.outputs.derived import DerivedObjects, build_derived, source_headers
 from inference.outputs.finding import Finding
 from inference.serving.registry import ModelListing, ModelRegistry, VersionState
 
@@ -240,14 +235,17 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
             volume = await self._decode(upload, deadline_s)
         decode_ms = (time.perf_counter() - decode_start) * 1e3
         n_files = len(upload.files)
-        if pb.DICOM_SEG not in wanted:
-            upload.files.clear()  # decoded: free the received bytes while the model runs
+        source_datasets: list = []
+        if pb.DICOM_SEG in wanted and volume.source is not None:  # the SEG references the instances it was read from
+            loop = asyncio.get_running_loop()
+            source_datasets = await loop.run_in_executor(self._io_executor, source_headers, volume, upload.files)
+        upload.files.clear()  # decoded (and the SEG's headers parsed): free the received bytes while the model runs
         if result is not None:
             runner = progressive.slabs.runner  # leased, checked and admitted by start_slabs
             if record is not None:
                 record.model, record.model_version = runner.config.name, runner.config.version
                 record.study_hash = hash_uid(volume.source.study_instance_uid) if volume.source is not None else ""
-            return await self._answer(upload, runner, volume, result, wanted, start, decode_ms, record)
+            return await self._answer(upload, runner, result, wanted, source_datasets, start, decode_ms, record)
         runner = await held.enter_async_context(
             self._registry.lease(header.model or None, header.model_version or None, volume.modality)
         )
@@ -271,17 +269,17 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         )
         priority = Priority.STAT if header.priority == pb.STAT else Priority.ROUTINE
         read = runner.read(volume, request_id=upload.request_id, priority=priority, deadline_s=deadline_s)
-        volume = without_voxels(volume)  # the runner lets go of the voxels once the study is prepared
+        del volume  # the runner holds the study until it is prepared, then only its geometry (result.volume)
         result = await read
-        return await self._answer(upload, runner, volume, result, wanted, start, decode_ms, record)
+        return await self._answer(upload, runner, result, wanted, source_datasets, start, decode_ms, record)
 
     async def _answer(
         self,
         upload: uploads.Upload,
         runner: ModelRunner,
-        volume: Volume,
         result: ReadResult,
         wanted: set[int],
+        source_datasets: list,
         start: float,
         decode_ms: float,
         record: object,
@@ -296,14 +294,14 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
                 self._io_executor,
                 functools.partial(
                     build_derived,
-                    volume,
+                    result.volume,
                     result.findings,
                     result.masks,
                     algorithm=Algorithm(runner.config.name, runner.config.version, runner.weights_sha256),
                     want_sr=pb.DICOM_SR in wanted,
                     want_seg=pb.DICOM_SEG in wanted,
                     want_fhir=pb.FHIR in wanted,
-                    source_files=[bytes(f) for f in upload.files] if pb.DICOM_SEG in wanted else (),
+                    source_datasets=source_datasets,
                 ),
             )
             timing["encode"] = (time.perf_counter() - encode_start) * 1e3
@@ -326,53 +324,18 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
     def _progressive(
         self, upload: uploads.Upload, deadline_s: float | None, reserve: Callable[[int], None]
     ) -> ProgressiveRead:
-        """A streamed DICOM read decoded as its files arrive, and read by slab when its model can be
-        (inference.api.progressive)."""
-        header = upload.header
-        priority = Priority.STAT if header.priority == pb.STAT else Priority.ROUTINE
-        progressive: ProgressiveRead
-
-        async def start_slabs(first: Volume, grid: ExpectedGrid, assembly: SliceAssembly) -> SlabRead | None:
-            if header.model:
-                check_model_allowed(header.model)
-            runner = await progressive.stack.enter_async_context(
-                self._registry.lease(header.model or None, header.model_version or None, first.modality)
-            )
-            check_model_allowed(runner.config.name)
-            if not runner.config.progressive:
-                return None
-            stand_in = dataclasses.replace(without_voxels(first), voxels=np.broadcast_to(np.float32(0), grid.shape))
-            stand_in = dataclasses.replace(stand_in, affine=grid.affine)
-            check_for_model(stand_in, runner.config, self._limits)
-            peak_bytes = estimate_peak_bytes(stand_in, runner.config)
-            await progressive.stack.enter_async_context(self.admission.compute(peak_bytes, deadline_s))
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(
-                self._io_executor,
-                functools.partial(
-                    start_slab_read,
-                    runner,
-                    grid.shape,
-                    grid.affine,
-                    assembly.plane,
-                    request_id=upload.request_id,
-                    priority=priority,
-                    deadline_s=deadline_s,
-                    executor=self._io_executor,
-                ),
-            )
-
-        progressive = ProgressiveRead(
-            header,
-            request_id=upload.request_id,
+        """A streamed DICOM read decoded as its files arrive, and read by slab when its model can be."""
+        return start_progressive(
+            upload.header,
+            upload.request_id,
+            registry=self._registry,
+            admission=self.admission,
             limits=self._limits,
             io_executor=self._io_executor,
             decode_workers=self.decode_workers,
             deadline_s=deadline_s,
             reserve=reserve,
-            start_slabs=start_slabs,
         )
-        return progressive
 
     async def _decode(self, upload: uploads.Upload, deadline_s: float | None) -> Volume:
         """The payload -> Volume: streamed DICOM and NIfTI in a decode worker process (inference.io.workers), which
@@ -383,26 +346,9 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         if workers is None or uploads.is_referenced(header) or upload.payload not in (pb.DICOM_FILES, pb.NIFTI):
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._io_executor, uploads.decode, upload, self._limits, self._ingest)
-        if upload.payload == pb.DICOM_FILES:
-            job = DecodeJob(
-                "inference.io.dicom:read_dicom_series",
-                {"series_instance_uid": header.series_instance_uid or None, "limits": self._limits},
-                request_id=upload.request_id,
-            )
-        else:
-            if (header.modality or "CT") not in uploads.MODALITIES:
-                raise InvalidInputError(
-                    f"header.modality must be one of {uploads.MODALITIES}, got {quote(header.modality, 32)}"
-                )
-            if len(upload.files) != 1:
-                raise InvalidInputError(f"a NIFTI payload is one file, got {len(upload.files)}")
-            job = DecodeJob(
-                "inference.io.nifti:read_nifti",
-                {"modality": header.modality or "CT", "limits": self._limits},
-                single_payload=True,
-                request_id=upload.request_id,
-            )
-        return await workers.run(job, upload.files, deadline_s)
+        reader = uploads.reader_for(header, upload.payload, self._limits)
+        uploads.check_file_count(reader, upload.payload, upload.files)
+        return await workers.run(DecodeJob(reader, request_id=upload.request_id), upload.files, deadline_s)
 
     async def Read(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[pb.ReadRequest], context: grpc.aio.ServicerContext

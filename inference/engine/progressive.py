@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from inference.engine.runner import ModelRunner, ReadResult
+from inference.engine.runner import ModelRunner, ReadResult, without_voxels
 from inference.engine.scheduler import Priority
 from inference.io.volume import Volume
 from inference.tasks.base import PreparedStudy
@@ -164,7 +164,7 @@ class SlabRead:
             len(self.plan),
             len(output.findings),
         )
-        return ReadResult(output.findings, timing, list(volume.warnings), output.masks)
+        return ReadResult(output.findings, timing, list(volume.warnings), output.masks, volume=without_voxels(volume))
 
     def cancel(self) -> None:
         """Drop the work not yet done (the batcher discards a cancelled read's queued items)."""

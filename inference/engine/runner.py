@@ -43,10 +43,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ReadResult:
+    """A read's outcome: the task's findings and masks together, the study's geometry, timings and warnings."""
+
     findings: list[Finding]
     timing_ms: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     masks: list[FindingMask] | None = None  # masks[n]: the voxels of findings[n] (segmentation); None: boxes only
+    # The study without its voxels (:func:`without_voxels`): what the SR, SEG and FHIR outputs need of it.
+    volume: Volume | None = None
 
 
 def without_voxels(volume: Volume) -> Volume:
@@ -179,6 +183,8 @@ class ModelRunner:
         priority: Priority = Priority.ROUTINE,
         deadline_s: float | None = None,
     ) -> ReadResult:
+        """Prepare, batch and finalize one study. The runner is the one place that lets go of its voxels: once it
+        is prepared, only its geometry is kept (``ReadResult.volume``); a caller should not hold the study meanwhile."""
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         prepared = await loop.run_in_executor(self._io_executor, self._prepare, volume)
@@ -191,4 +197,4 @@ class ModelRunner:
         output = await loop.run_in_executor(self._io_executor, self.task.finalize, volume, prepared, results)
         timing["postprocess"] = (time.perf_counter() - start) * 1e3
         logger.debug("request %s: %d items, %d findings", request_id, len(prepared.items), len(output.findings))
-        return ReadResult(output.findings, timing, list(volume.warnings), output.masks)
+        return ReadResult(output.findings, timing, list(volume.warnings), output.masks, volume)
