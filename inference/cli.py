@@ -158,6 +158,9 @@ def _parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="inspect, load and unload the models of a server")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     listing = models_sub.add_parser("list", help="list models, each version's state, and the model per modality")
+    listing.add_argument(
+        "--format", choices=["table", "json"], default="table", help="json: one object (shadow versions' agreement)"
+    )
     _add_server_flag(listing)
     load = models_sub.add_parser(
         "load",
@@ -173,6 +176,25 @@ def _parser() -> argparse.ArgumentParser:
     unload = models_sub.add_parser("unload", help="take a model version (or all its versions) out of service")
     unload.add_argument("model", help="NAME[:VERSION]; without a version, every version of NAME")
     _add_server_flag(unload)
+    shadow = models_sub.add_parser(
+        "shadow",
+        help="also read a fraction of a model's live reads with another loaded version; compare, never return",
+    )
+    shadow.add_argument("model", help="NAME:VERSION, a READY version not in default routing")
+    shadow.add_argument("--fraction", type=float, default=1.0, help="share of the live reads, 0-1 (0 ends it)")
+    _add_server_flag(shadow)
+    promote = models_sub.add_parser(
+        "promote", help="give a version default routing, unless the promotion guard refuses (it says why)"
+    )
+    promote.add_argument("model", help="NAME:VERSION")
+    promote.add_argument("--force", action="store_true", help="promote whatever the guard says (audited)")
+    promote.add_argument("--timeout-s", type=float, default=600.0, help="how long to wait (the guard may evaluate)")
+    _add_server_flag(promote)
+    rollback = models_sub.add_parser(
+        "rollback", help="take a model's version in default routing out of it; the previous version serves again"
+    )
+    rollback.add_argument("model", help="NAME")
+    _add_server_flag(rollback)
 
     health = sub.add_parser("health", help="exit 0 when the server's gRPC health is SERVING (for probes)")
     _add_server_flag(health)
@@ -406,12 +428,88 @@ def _print_models(models: Any) -> None:
             default = "  (default)" if v.version == m.default_version and v.state == "READY" else ""
             sha = f"  weights {v.weights_sha256[:12]}" if v.weights_sha256 else ""
             reason = f"  {v.reason}" if v.reason else ""
-            print(f"    {v.version:<12} {v.state:<10}{default}{sha}{reason}")
+            routing = f"  {v.promotion}" if v.promotion and v.promotion != "auto" else ""
+            shadow = ""
+            if v.HasField("shadow"):
+                s = v.shadow
+                shadow = (
+                    f"  shadow {s.fraction:.0%}: {s.reads_compared} reads, live found {s.live_found_share:.2f}, "
+                    f"shadow found {s.shadow_found_share:.2f}, shift {s.mean_center_shift_mm:.1f} mm"
+                )
+            print(f"    {v.version:<12} {v.state:<10}{default}{routing}{shadow}{sha}{reason}")
+
+
+def models_to_json(response: Any) -> dict[str, Any]:
+    """`radserve models list --format json`: every model and version, shadow versions with their agreement."""
+    models = []
+    for m in response.models:
+        versions = []
+        for v in m.versions:
+            item: dict[str, Any] = {"version": v.version, "state": v.state, "promotion": v.promotion}
+            item.update({k: getattr(v, k) for k in ("reason", "source", "weights_sha256") if getattr(v, k)})
+            if v.HasField("shadow"):
+                s = v.shadow
+                item["shadow"] = {
+                    "fraction": s.fraction,
+                    "reads_compared": s.reads_compared,
+                    "reads_skipped": s.reads_skipped,
+                    "reads_failed": s.reads_failed,
+                    "live_findings": s.live_findings,
+                    "shadow_findings": s.shadow_findings,
+                    "matched": s.matched,
+                    "live_found_share": round(s.live_found_share, 4),
+                    "shadow_found_share": round(s.shadow_found_share, 4),
+                    "mean_center_shift_mm": round(s.mean_center_shift_mm, 3),
+                }
+            versions.append(item)
+        models.append(
+            {
+                "name": m.name,
+                "task": m.task,
+                "modalities": list(m.modalities),
+                "labels": list(m.labels),
+                "device": m.device,
+                "default_version": m.default_version,
+                "versions": versions,
+            }
+        )
+    return {"models": models, "default_models": dict(sorted(response.default_models.items()))}
+
+
+def _model_ref(text: str, *, version: bool = True) -> tuple[str, str]:
+    name, _, ver = text.partition(":")
+    if not name or (version and not ver) or (not version and ver):
+        raise ValueError(f"expected {'NAME:VERSION' if version else 'NAME'}, got {text!r}")
+    return name, ver
 
 
 def _models(args: argparse.Namespace) -> int:
+    try:
+        if args.models_command in ("shadow", "promote"):
+            _model_ref(args.model)
+        elif args.models_command == "rollback":
+            _model_ref(args.model, version=False)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     client = _client(args)
     try:
+        if args.models_command == "shadow":
+            response = client.shadow_model(*_model_ref(args.model), fraction=args.fraction)
+            _print_models(response.models)
+            return 0
+        if args.models_command == "promote":
+            name, version = _model_ref(args.model)
+            response = client.promote_model(name, version, force=args.force, timeout_s=args.timeout_s)
+            for reason in response.overridden:
+                print(f"warning: forced past the guard: {reason}", file=sys.stderr)
+            print(f"promoted {args.model} (default routing; was {name}:{response.previous_version or '-'})")
+            return 0
+        if args.models_command == "rollback":
+            response = client.rollback_model(args.model)
+            back, now = response.rolled_back_version, response.serving_version
+            print(f"rolled back {args.model}:{back}; {args.model}:{now} has default routing")
+            return 0
         if args.models_command == "load":
             path = Path(args.dir).expanduser()
             target = str(path.absolute()) if path.exists() else args.dir
@@ -428,6 +526,9 @@ def _models(args: argparse.Namespace) -> int:
         return _error(exc)
     finally:
         client.close()
+    if args.format == "json":
+        print(json.dumps(models_to_json(response), indent=2))
+        return 0
     _print_models(response.models)
     if response.default_models:
         print("by modality: " + ", ".join(f"{k} -> {v}" for k, v in sorted(response.default_models.items())))

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +31,9 @@ from inference.api.admission import (
 from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.api.gen.radserve.v1 import reading_pb2_grpc as pb_grpc
 from inference.api.ingest import IngestPolicy
-from inference.api.interceptors import call_record_var, request_id_var
+from inference.api.interceptors import audit_logger, call_record_var, request_id_var
 from inference.api.security import PermissionDeniedError, check_model_allowed, tenant_var
+from inference.config import PromotionPolicy
 from inference.engine.runner import without_voxels
 from inference.engine.scheduler import Priority
 from inference.errors import (
@@ -40,6 +41,7 @@ from inference.errors import (
     InvalidInputError,
     LimitExceededError,
     OverloadedError,
+    PromotionRefusedError,
     ShuttingDownError,
     escape_text,
     quote,
@@ -52,6 +54,8 @@ from inference.modelrepo.registry import ModelListing, ModelRegistry, VersionSta
 from inference.outputs.algorithm import Algorithm
 from inference.outputs.derived import DerivedObjects, build_derived
 from inference.postprocess.finding import Finding
+from inference.serving import promotion
+from inference.serving.shadow import ShadowManager, ShadowTarget
 
 logger = logging.getLogger(__name__)
 
@@ -122,10 +126,13 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         model_roots: tuple[Path, ...] = (),
         receive_policy: uploads.ReceivePolicy | None = None,
         decode_workers: DecodeWorkers | None = None,
+        promotion_policy: PromotionPolicy | None = None,
+        shadow_max_pending: int = 2,
     ) -> None:
         """``admission``: the upload, per-client, compute and memory gates (``max_in_flight`` is used when it is
         None); ``receive_policy``: the receive deadline; ``decode_workers``: where streamed DICOM and NIfTI payloads
-        are decoded (None: in ``io_executor``'s threads)."""
+        are decoded (None: in ``io_executor``'s threads); ``promotion_policy``: the promotion guard's settings;
+        ``shadow_max_pending``: shadow reads queued at most (inference.serving.shadow)."""
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight!r}")
         if output_chunk_bytes < 1:
@@ -146,6 +153,8 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         self.max_message_bytes = max_message_bytes
         self.output_chunk_bytes = output_chunk_bytes
         self.in_flight = 0  # reads from their first message to their end, in every phase
+        self.promotion_policy = promotion_policy or PromotionPolicy()
+        self.shadow = ShadowManager(registry, self.admission.memory, max_pending=shadow_max_pending)
 
     @property
     def draining(self) -> bool:
@@ -202,6 +211,7 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         held.callback(lambda: memory.release(held_upload_bytes))
         with self.admission.upload():
             upload = await uploads.receive(request_iterator, self._limits, self.receive_policy, reserve_upload)
+        held.enter_context(self.shadow.live_work())  # shadow reads wait while live reads are computed
         request_id_var.set(upload.request_id)
         header = upload.header
         if record is not None:
@@ -242,8 +252,14 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         )
         priority = Priority.STAT if header.priority == pb.STAT else Priority.ROUTINE
         read = runner.read(volume, request_id=upload.request_id, priority=priority, deadline_s=deadline_s)
+        shadow = self.shadow.sample(runner.config.name, runner.config.version)
+        shadow_volume = volume if shadow is not None else None  # its voxels, kept for the shadow version's read
         volume = without_voxels(volume)  # the runner lets go of the voxels once the study is prepared
         result = await read
+        if shadow is not None:  # after the live answer, never before it
+            peak_bytes = estimate_peak_bytes(shadow_volume, runner.config)
+            self.shadow.submit(shadow, shadow_volume, result.findings, upload.request_id, peak_bytes)
+            shadow_volume = None
         timing = {"receive": upload.receive_ms, "decode": decode_ms, **result.timing_ms}
         derived = DerivedObjects()
         if wanted & {pb.DICOM_SR, pb.DICOM_SEG, pb.FHIR}:
@@ -357,7 +373,8 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         if tenant is not None and tenant.models is not None:
             routes = {k: v for k, v in routes.items() if tenant.may_use(v.partition(":")[0])}
         return pb.ListModelsResponse(
-            models=[model_info(row, with_paths=operator) for row in rows], default_models=routes
+            models=[model_info(row, with_paths=operator, shadow=self.shadow.target) for row in rows],
+            default_models=routes,
         )
 
     def _check_management(self, what: str) -> None:
@@ -408,9 +425,7 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
                 f"{len(failed)} of {len(loaded)} model version(s) failed to load: " + "; ".join(failed)
             )
         names = {name for name, _, _ in loaded}
-        return pb.LoadModelResponse(
-            models=[model_info(r, with_paths=True) for r in self._registry.list_models() if r.name in names]
-        )
+        return pb.LoadModelResponse(models=self._model_infos(names))
 
     async def UnloadModel(  # noqa: N802 - gRPC method name
         self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
@@ -420,33 +435,160 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
             raise InvalidInputError("UnloadModelRequest.model is empty")
         logger.info("UnloadModel %s:%s", escape_text(request.model, 64), escape_text(request.model_version or "*", 64))
         removed = await self._registry.unload(request.model, request.model_version or None)
+        self.shadow.forget(request.model, request.model_version or None)
         return pb.UnloadModelResponse(unloaded=removed)
+
+    def _model_infos(self, names: set[str]) -> list[pb.ModelInfo]:
+        rows = [r for r in self._registry.list_models() if r.name in names]
+        return [model_info(r, with_paths=True, shadow=self.shadow.target) for r in rows]
+
+    async def ShadowModel(  # noqa: N802 - gRPC method name
+        self, request: pb.ShadowModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ShadowModelResponse:
+        self._check_management("ShadowModel")
+        if not request.model or not request.model_version:
+            raise InvalidInputError("ShadowModelRequest needs model and model_version (NAME:VERSION)")
+        self.shadow.mark(request.model, request.model_version, request.fraction)
+        _audit_model_event("shadow", request.model, request.model_version, fraction=request.fraction)
+        return pb.ShadowModelResponse(models=self._model_infos({request.model}))
+
+    async def PromoteModel(  # noqa: N802 - gRPC method name
+        self, request: pb.PromoteModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PromoteModelResponse:
+        self._check_management("PromoteModel")
+        name, version = request.model, request.model_version
+        if not name or not version:
+            raise InvalidInputError("PromoteModelRequest needs model and model_version (NAME:VERSION)")
+        key = f"{name}:{version}"
+        self._registry.check_ready(name, version)
+        live = self._registry.default_version(name)
+        if live == version:
+            raise InvalidInputError(f"model {key} already has default routing")
+        reasons = await self._promotion_reasons(name, version, live)
+        if reasons and not request.force:
+            _audit_model_event("promote", name, version, outcome="refused", reasons=reasons)
+            raise PromotionRefusedError(f"promotion of {key} refused: " + "; ".join(reasons))
+        previous = self._registry.promote(name, version)
+        self.shadow.forget(name, version)
+        _audit_model_event(
+            "promote", name, version, outcome="forced" if reasons else "promoted", previous=previous, reasons=reasons
+        )
+        return pb.PromoteModelResponse(
+            previous_version=previous or "", overridden=reasons, models=self._model_infos({name})
+        )
+
+    async def _promotion_reasons(self, name: str, version: str, live: str | None) -> list[str]:
+        """The guard (inference.serving.promotion): shadow agreement, then the evaluation dataset, if configured."""
+        policy = self.promotion_policy
+        target = self.shadow.target(name, version)
+        reasons = promotion.shadow_reasons(target.agreement if target else None, policy, f"{name}:{version}")
+        dataset = policy.eval_datasets.get(name)
+        if dataset is not None and live is not None:
+            live_score, candidate_score = await self._evaluate(name, (live, version), Path(dataset))
+            logger.info(
+                "promotion of %s:%s: evaluation on %s: %s against %s:%s %s",
+                name,
+                version,
+                dataset,
+                candidate_score.as_dict(),
+                name,
+                live,
+                live_score.as_dict(),
+            )
+            reasons += promotion.eval_reasons(live_score, candidate_score, policy, str(dataset))
+        return reasons
+
+    async def _evaluate(self, name: str, versions: tuple[str, str], dataset: Path) -> tuple:
+        """Both versions on the evaluation dataset, read below live work (the shadow's way)."""
+
+        async def read(version: str, volume: Volume) -> list[Finding]:
+            async with self._registry.lease(name, version, volume.modality) as runner:
+                result = await runner.read_in_background(
+                    volume,
+                    request_id=f"promotion-eval-{name}-{version}",
+                    executor=self.shadow.executor,
+                    wait_turn=self.shadow.wait_turn,
+                )
+            return result.findings
+
+        async def load(path: Path, limits: InputLimits) -> tuple:
+            try:
+                return await asyncio.to_thread(promotion.load_volumes, path, limits)
+            except (OSError, ValueError) as exc:
+                raise PromotionRefusedError(
+                    f"the evaluation dataset configured for model {name!r} cannot be read: {exc}"
+                ) from exc
+
+        return await promotion.evaluate_versions(dataset, self._limits, read, versions, load)
+
+    async def RollbackModel(  # noqa: N802 - gRPC method name
+        self, request: pb.RollbackModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RollbackModelResponse:
+        self._check_management("RollbackModel")
+        if not request.model:
+            raise InvalidInputError("RollbackModelRequest.model is empty")
+        rolled_back, serving = self._registry.rollback(request.model)
+        _audit_model_event("rollback", request.model, rolled_back, serving=serving)
+        return pb.RollbackModelResponse(
+            rolled_back_version=rolled_back, serving_version=serving, models=self._model_infos({request.model})
+        )
+
+
+def _audit_model_event(event: str, name: str, version: str, **fields: object) -> None:
+    """One audit record per model-management decision (shadow, promote, rollback), with the operator tenant."""
+    tenant = tenant_var.get()
+    record = {"event": event, "model": name, "model_version": version, "tenant": tenant.name if tenant else "-"}
+    record.update({k: v for k, v in fields.items() if v not in (None, [], "")})
+    audit_logger.info(
+        "%s %s:%s tenant=%s %s",
+        event,
+        escape_text(name, 64),
+        escape_text(version, 64),
+        record["tenant"],
+        " ".join(f"{k}={escape_text(v, 500)}" for k, v in record.items() if k not in ("event", "model", "tenant")),
+        extra={"audit": record},
+    )
 
 
 # An absolute path in a reason (a load error quoting a file), for readers who may not see server paths.
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.])/[^\s'\",:;)]+")
 
 
-def version_to_proto(state: VersionState, *, with_paths: bool = True) -> pb.ModelVersion:
-    """``with_paths``: the source directory, and reasons as they are (operators); else neither path."""
-    return pb.ModelVersion(
+def version_to_proto(
+    state: VersionState, *, with_paths: bool = True, shadow: ShadowTarget | None = None
+) -> pb.ModelVersion:
+    """``with_paths``: the source directory, and reasons as they are (operators); else neither path. ``shadow``: the
+    version's shadow marking, when it is its model's shadow (its agreement goes with it)."""
+    message = pb.ModelVersion(
         version=state.version,
         state=state.state,
         state_code=pb.VersionState.Value(f"VERSION_STATE_{state.state}"),
         reason=state.reason if with_paths else _ABSOLUTE_PATH.sub("<path>", state.reason),
         source=state.source if with_paths else "",
         weights_sha256=state.weights_sha256,
+        promotion=state.promotion,
     )
+    if shadow is not None and state.state == "READY":
+        message.shadow.CopyFrom(pb.ShadowAgreement(fraction=shadow.fraction, **shadow.agreement.as_dict()))
+    return message
 
 
-def model_info(row: ModelListing, *, with_paths: bool = True) -> pb.ModelInfo:
+def model_info(
+    row: ModelListing,
+    *,
+    with_paths: bool = True,
+    shadow: Callable[[str, str], ShadowTarget | None] | None = None,
+) -> pb.ModelInfo:
     config = row.config
     return pb.ModelInfo(
         name=row.name,
         task=config.task if config is not None else "",
         modalities=config.modalities if config is not None else (),
         labels=config.labels if config is not None else (),
-        versions=[version_to_proto(v, with_paths=with_paths) for v in row.versions],
+        versions=[
+            version_to_proto(v, with_paths=with_paths, shadow=shadow(row.name, v.version) if shadow else None)
+            for v in row.versions
+        ],
         device=row.device,
         default_version=row.default_version,
     )

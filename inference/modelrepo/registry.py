@@ -19,7 +19,13 @@ from inference.backends.torch import TorchBackend
 from inference.config import TritonConfig
 from inference.engine.runner import ModelRunner
 from inference.engine.task import Task
-from inference.errors import BackendUnavailableError, InvalidInputError, ModalityMismatchError, ModelNotFoundError
+from inference.errors import (
+    BackendUnavailableError,
+    InvalidInputError,
+    ModalityMismatchError,
+    ModelNotFoundError,
+    PromotionRefusedError,
+)
 from inference.modelrepo.repository import VersionSource, discover, sources_at, version_key
 from inference.modelrepo.schema import MODALITIES, ModelConfig
 
@@ -111,6 +117,11 @@ UNLOADING = "UNLOADING"
 FROM_REPOSITORY = "repository"
 FROM_REQUEST = "request"
 _MAX_REASON_CHARS = 2000
+# Whether a READY version may take default routing (docs/decisions.md, "Shadow versions and promotion"): "auto"
+# (model.yaml `promote: auto`), "promoted" (by `radserve models promote`, or as the only version of its model),
+# "candidate" (`promote: manual`, not promoted: it serves only reads naming it), "demoted" (rolled back, or displaced
+# by the promotion of an older version).
+AUTO, PROMOTED, CANDIDATE, DEMOTED = "auto", "promoted", "candidate", "demoted"
 
 
 @dataclass(frozen=True)
@@ -120,6 +131,7 @@ class VersionState:
     reason: str = ""  # FAILED: why; READY: a reload under way or failed (the previous load keeps serving)
     source: str = ""  # the directory it was loaded from
     weights_sha256: str = ""  # of the weights serving (READY, UNLOADING)
+    promotion: str = ""  # auto | promoted | candidate | demoted ("" when not READY)
 
 
 @dataclass(frozen=True)
@@ -162,6 +174,23 @@ class _Entry:
         self.error = ""  # of the last load attempt that failed ("" after a success)
         self.signature: tuple | None = None  # of the files at the last load attempt
         self.digest: str | None = None  # of the files at the last load attempt
+        self.promoted = False  # by `radserve models promote` (or as its model's only version)
+        self.demoted = False  # by a rollback, or by the promotion of an older version
+
+    @property
+    def promotion(self) -> str:
+        """auto | promoted | candidate | demoted; "" while no runner serves."""
+        if self.serving is None:
+            return ""
+        if self.demoted:
+            return DEMOTED
+        if self.promoted:
+            return PROMOTED
+        return AUTO if self.serving.runner.config.promote == "auto" else CANDIDATE
+
+    @property
+    def in_default_routing(self) -> bool:
+        return self.promotion in (AUTO, PROMOTED)
 
     @property
     def name(self) -> str:
@@ -242,7 +271,9 @@ class ModelRegistry:
         if warmup is not None:
             self.warmup = warmup
         self.repository = Path(root)
-        for source in await asyncio.to_thread(discover, root):
+        sources = await asyncio.to_thread(discover, root)
+        # Oldest first within a model: with `promote: manual` versions, the oldest takes default routing.
+        for source in sorted(sources, key=lambda s: (s.name, version_key(s.version))):
             if source.key not in self._unloaded:
                 await self.load(source, origin=FROM_REPOSITORY)
 
@@ -342,6 +373,7 @@ class ModelRegistry:
             old, entry.serving, entry.error = entry.serving, new, ""
             if old is not None:
                 self._retire(source.name, source.version, old)
+            self._ensure_default(source.name)
             logger.info(
                 "model %s %s (%s, %s, weights sha256 %s)",
                 key,
@@ -377,6 +409,8 @@ class ModelRegistry:
             removed.append(f"{name}:{v}")
         if not versions:
             del self._entries[name]
+        else:
+            self._ensure_default(name)
         logger.info("unloaded %s", ", ".join(removed))
         self._notify()
         return removed
@@ -427,8 +461,74 @@ class ModelRegistry:
         return [e for versions in self._entries.values() for e in versions.values()]
 
     def _newest_ready(self, name: str) -> _Entry | None:
-        ready = [e for e in self._entries.get(name, {}).values() if e.serving is not None]
+        """The version a read naming ``name`` and no version gets: the newest READY one in default routing."""
+        ready = [e for e in self._entries.get(name, {}).values() if e.in_default_routing]
         return max(ready, key=lambda e: version_key(e.version)) if ready else None
+
+    def _ensure_default(self, name: str) -> None:
+        """A model with READY versions but none in default routing promotes its newest: its first version (whatever
+        its ``promote``), or what is left after the default version was unloaded, so that no model becomes
+        unreachable by name."""
+        ready = [e for e in self._entries.get(name, {}).values() if e.serving is not None]
+        if ready and not any(e.in_default_routing for e in ready):
+            entry = max(ready, key=lambda e: version_key(e.version))
+            entry.promoted, entry.demoted = True, False
+            logger.info("model %s: takes default routing (no other version of %s has it)", entry.source.key, name)
+
+    def default_version(self, name: str) -> str | None:
+        """The version of ``name`` in default routing now (None when none is READY)."""
+        entry = self._newest_ready(name)
+        return entry.version if entry is not None else None
+
+    def promote(self, name: str, version: str) -> str | None:
+        """Make ``name:version`` (READY) the version reads naming no version get; newer versions in default routing
+        are demoted. Returns the version that had default routing before (None when none). The guard is the
+        caller's (inference.serving.promotion); reads in flight finish on the version they started with."""
+        entry = self._ready_entry(name, version)
+        previous = self.default_version(name)
+        for other in self._entries[name].values():
+            if other is not entry and other.in_default_routing and version_key(other.version) > version_key(version):
+                other.demoted = True
+        entry.promoted, entry.demoted = True, False
+        logger.info("model %s:%s promoted (default routing; it was %s:%s)", name, version, name, previous)
+        self._notify()
+        return previous
+
+    def rollback(self, name: str) -> tuple[str, str]:
+        """Take the version in default routing out of it (it stays loaded, for reads naming it); the newest other
+        version in default routing (the one serving before the last promotion or new version) takes over. Returns
+        (version rolled back, version now serving). Reads in flight finish on the version they started with.
+        FAILED_PRECONDITION when no other version is in default routing (a candidate never promoted is no
+        fallback)."""
+        current = self._newest_ready(name)
+        if current is None:
+            raise ModelNotFoundError(f"model {name!r} has no READY version; loaded models: {self._ready_names()}")
+        others = [e for e in self._entries[name].values() if e is not current and e.in_default_routing]
+        if not others:
+            raise PromotionRefusedError(
+                f"model {name!r} has no other version in default routing to roll back to from {current.version!r}; "
+                "promote one (`radserve models promote NAME:VERSION`) or load the previous version"
+            )
+        current.promoted, current.demoted = False, True
+        now = self.default_version(name) or ""
+        logger.info("model %s rolled back from %s to %s", name, current.version, now)
+        self._notify()
+        return current.version, now
+
+    def check_ready(self, name: str, version: str) -> None:
+        """NOT_FOUND unless ``name:version`` is READY."""
+        self._ready_entry(name, version)
+
+    def _ready_entry(self, name: str, version: str) -> _Entry:
+        versions = self._entries.get(name)
+        if not versions:
+            raise ModelNotFoundError(f"model {name!r} is not loaded; loaded models: {self._ready_names()}")
+        entry = versions.get(version)
+        if entry is None:
+            raise ModelNotFoundError(f"model {name!r} has no version {version!r}; versions: {sorted(versions)}")
+        if entry.serving is None:
+            raise ModelNotFoundError(f"model {name}:{version} is not READY ({entry.state}): {entry.reason}")
+        return entry
 
     def _route(self, name: str | None, version: str | None, modality: str) -> _Serving:
         if name:
@@ -496,6 +596,7 @@ class ModelRegistry:
             entry.reason,
             str(entry.source.path),
             entry.serving.weights_sha256 if entry.serving is not None else "",
+            entry.promotion,
         )
 
     def list_models(self) -> list[ModelListing]:
