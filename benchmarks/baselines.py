@@ -1,7 +1,7 @@
 """In-process baselines, on the same studies and the same network as the service.
 
 ``direct``: the server's decode of the payload bytes, held in memory (``Study.decode``, the server's readers), then
-radserve's own Task code path with no server (:func:`inference.engine.direct.run_direct`): prepare (preprocessing
+radserve's own Task code path with no server (:func:`inference.tasks.direct.run_direct`): prepare (preprocessing
 on the model's device), forward in batches of the model's ``max_batch_size``, split, finalize. Studies of one work
 item (projection X-ray) are batched across consecutive studies, as the server's batcher does, so that ``direct``
 uses the same batch sizes; CT studies go through ``run_direct`` one at a time. No file reading, no gRPC, no
@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from inference.engine.direct import forward_items, load_network, run_direct
-from inference.engine.task import Task
-from inference.modelrepo.registry import task_class
 from inference.modelrepo.schema import ModelConfig
+from inference.tasks import task_class
+from inference.tasks.base import Task
+from inference.tasks.direct import forward_items, load_network, run_direct
 
 logger = logging.getLogger(__name__)
 

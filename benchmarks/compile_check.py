@@ -53,7 +53,7 @@ def compiled_graphs() -> int:
 def check_model(config: Any, device: torch.device, *, max_batch: int | None = None, timing_s: float = 3.0) -> dict:
     """Compile one model's network and time it against the eager one (see the module docstring)."""
     from inference.backends.torch import TorchBackend
-    from inference.modelrepo.registry import task_class
+    from inference.tasks import task_class
 
     task = task_class(config)(config, device)
     size = config.batching.max_batch_size if max_batch is None else min(max_batch, config.batching.max_batch_size)

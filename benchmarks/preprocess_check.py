@@ -1,7 +1,7 @@
 """Preprocessing before and after the fused float32 resampling (docs/decisions.md, "Preprocessing memory").
 
 ``before``: MONAI's eager ``Orientation`` then ``Spacing`` with its default float64 computation (radserve's
-preprocessing until this change); ``after``: :func:`inference.engine.preprocess.preprocess` (lazy Orientation +
+preprocessing until this change); ``after``: :func:`inference.tasks.preprocess.preprocess` (lazy Orientation +
 Spacing fused into one float32 resampling). Each variant runs in its own process on the same synthetic CT
 (``--shape``, ``--spacing``): wall time and peak RSS above the process's RSS with the input volume loaded.
 
@@ -29,9 +29,9 @@ def _one(variant: str, shape: tuple[int, int, int], spacing: tuple[float, float]
     import numpy as np
     import torch
 
-    from inference.engine.preprocess import preprocess
     from inference.io.volume import LPS_TO_RAS, Volume
     from inference.modelrepo.schema import PreprocessConfig
+    from inference.tasks.preprocess import preprocess
 
     cfg = PreprocessConfig(spacing_mm=(1.5, 1.5, 1.5))
     rng = np.random.default_rng(0)

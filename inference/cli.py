@@ -572,7 +572,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _triton(args: argparse.Namespace) -> int:
-    from inference.metrics import configure_logging
+    from inference.api.metrics import configure_logging
 
     configure_logging("INFO", "text")
     if args.triton_command == "export":
@@ -702,9 +702,9 @@ def main(argv: list[str] | None = None) -> int:
             "model_poll_interval_s": args.model_poll_interval_s,
             "default_models": ",".join(args.default_model) if args.default_model else None,
         }
+        from inference.api.metrics import configure_logging
         from inference.api.security import load_security
         from inference.api.server import StartupError, exit_leaving_stuck_threads
-        from inference.metrics import configure_logging
 
         try:
             config = load_config(cli, config_file=args.config)

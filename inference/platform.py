@@ -9,6 +9,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
+# Out of GPU memory: torch.cuda.OutOfMemoryError is an alias of torch.OutOfMemoryError in recent torch; both named
+# for older ones. The engine catches these (inference.engine.runner), without asking torch about CUDA itself.
+OOM_ERRORS: tuple[type[BaseException], ...] = tuple({torch.OutOfMemoryError, torch.cuda.OutOfMemoryError})
 
 
 def select_device(requested: str = "auto") -> torch.device:

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import yaml
 
-from inference.engine.direct import run_direct
-from inference.engine.task import Task
 from inference.io.volume import Volume
 from inference.modelrepo.schema import ModelConfig
+from inference.tasks.base import Task
+from inference.tasks.direct import run_direct
 
 # One independent random stream per use, so that e.g. more validation studies leave the training data unchanged.
 RNG_STREAMS = {"train": 0, "crops": 1, "val": 2, "test": 3, "timing": 4}

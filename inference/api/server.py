@@ -6,7 +6,7 @@ finish, then the process exits 0. With a remote backend (Triton), a watcher asks
 whether each backend is ready: health is NOT_SERVING while one is not, and SERVING again once it is, without
 a restart (reads meanwhile fail with UNAVAILABLE within their deadline).
 
-Models change while serving (``inference.modelrepo.watcher``, LoadModel, UnloadModel): after start-up, health
+Models change while serving (``inference.serving.watcher``, LoadModel, UnloadModel): after start-up, health
 is SERVING exactly while at least one model version is READY.
 
 Work that cannot hang (README "Security, limits and observability"): streamed DICOM and NIfTI payloads are decoded
@@ -17,7 +17,7 @@ thread is stuck in.
 
 Security (``inference.api.security``): TLS or mutual TLS when configured, plaintext only on a loopback host
 or with ``insecure``; bearer-token authentication of the ReadingService when a tokens file is given.
-Observability (``inference.metrics``): Prometheus metrics on ``metrics_port``; one audit record per read.
+Observability (``inference.api.metrics``): Prometheus metrics on ``metrics_port``; one audit record per read.
 """
 
 from __future__ import annotations
@@ -39,15 +39,15 @@ from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.api.gen.radserve.v1 import reading_pb2_grpc as pb_grpc
 from inference.api.ingest import IngestPolicy
 from inference.api.interceptors import ErrorInterceptor
+from inference.api.metrics import ServerMetrics
 from inference.api.security import AuthInterceptor, Security, is_loopback, load_security
 from inference.api.servicer import ReadingServicer
 from inference.api.upload import ReceivePolicy
 from inference.config import ServerConfig
 from inference.io.workers import DecodeWorkers
-from inference.metrics import ServerMetrics
-from inference.modelrepo.registry import ModelRegistry
-from inference.modelrepo.watcher import RepositoryWatcher
 from inference.platform import select_device
+from inference.serving.registry import ModelRegistry
+from inference.serving.watcher import RepositoryWatcher
 
 logger = logging.getLogger(__name__)
 

@@ -50,11 +50,11 @@ from inference.io.dicom import hash_uid
 from inference.io.limits import InputLimits
 from inference.io.volume import Volume
 from inference.io.workers import DecodeJob, DecodeWorkers
-from inference.modelrepo.registry import ModelListing, ModelRegistry, VersionState
 from inference.outputs.algorithm import Algorithm
 from inference.outputs.derived import DerivedObjects, build_derived
-from inference.postprocess.finding import Finding
+from inference.outputs.finding import Finding
 from inference.serving import promotion
+from inference.serving.registry import ModelListing, ModelRegistry, VersionState
 from inference.serving.shadow import ShadowManager, ShadowTarget
 
 logger = logging.getLogger(__name__)

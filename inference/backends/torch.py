@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from inference.backends.base import Backend
+from inference.backends.weights import load_state_dict
 from inference.platform import autocast_dtype
 
 logger = logging.getLogger(__name__)
@@ -51,12 +52,8 @@ class TorchBackend(Backend):
         autocast: str = "none",
         compile: bool = False,
     ) -> TorchBackend:
-        """Load a state dict (``weights_only``: a weights file cannot run code) into ``network``."""
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        network.load_state_dict(state)
-        return cls(network, device, autocast=autocast, compile=compile)
+        """The backend of ``network`` with the state dict in ``weights`` loaded (:mod:`inference.backends.weights`)."""
+        return cls(load_state_dict(network, weights), device, autocast=autocast, compile=compile)
 
     @property
     def device(self) -> torch.device:

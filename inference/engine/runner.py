@@ -31,16 +31,14 @@ import torch
 from inference.backends.base import Backend
 from inference.engine.batcher import DynamicBatcher
 from inference.engine.scheduler import Priority
-from inference.engine.task import PreparedStudy, Task
 from inference.errors import LimitExceededError
 from inference.io.volume import Volume
 from inference.modelrepo.schema import ModelConfig
-from inference.postprocess.finding import Finding, FindingMask
+from inference.outputs.finding import Finding, FindingMask
+from inference.platform import OOM_ERRORS
+from inference.tasks.base import PreparedStudy, Task
 
 logger = logging.getLogger(__name__)
-
-# torch.cuda.OutOfMemoryError is an alias of torch.OutOfMemoryError in recent torch; both named for older ones.
-OOM_ERRORS: tuple[type[BaseException], ...] = tuple({torch.OutOfMemoryError, torch.cuda.OutOfMemoryError})
 
 
 @dataclass
@@ -81,7 +79,7 @@ class ModelRunner:
         # DICOM outputs it produces (their UIDs, inference.outputs.uids).
         self.weights_sha256 = weights_sha256
         # torch.compile the network at warm-up (model.yaml `compile`, or the server's --compile for all models).
-        self.compile = bool(getattr(config, "compile", False))
+        self.compile = config.compile
         self.batcher = DynamicBatcher(
             f"{config.name}:{config.version}",
             self._forward,
@@ -106,11 +104,11 @@ class ModelRunner:
             return self.task.split_outputs(self.backend.forward(torch.stack(list(items))), n)
         except OOM_ERRORS:
             pass  # recover outside the except block, so that the error's frames and their tensors are freed
-        self._release_cached_memory()
+        self.backend.release_cached_memory()
         if n > 1:
             logger.warning("model %s: out of memory on a batch of %d items; retrying in halves", self.key, n)
             return self._forward(items[: n // 2]) + self._forward(items[n // 2 :])
-        if self.oom_cpu_fallback and getattr(self.backend, "can_fall_back_to_cpu", False):
+        if self.oom_cpu_fallback and self.backend.can_fall_back_to_cpu:
             logger.warning("model %s: out of memory on a single item; running it on a CPU copy", self.key)
             try:  # the item is copied to the host and batched there: nothing more is allocated on the GPU
                 return self.task.split_outputs(self.backend.forward_on_cpu(items[0].to("cpu")[None]), 1)
@@ -127,16 +125,11 @@ class ModelRunner:
             return self.task.prepare(volume)
         except OOM_ERRORS:
             pass  # outside the except block: the error's frames, holding the study's device tensors, are freed
-        self._release_cached_memory()
+        self.backend.release_cached_memory()
         shape = "x".join(str(s) for s in volume.shape)
         raise LimitExceededError(
             f"model {self.key} ran out of GPU memory preparing a {shape} study; retry later or on a larger device"
         )
-
-    def _release_cached_memory(self) -> None:
-        release_cached_memory = getattr(self.backend, "release_cached_memory", None)
-        if release_cached_memory is not None:
-            release_cached_memory()
 
     async def start(self) -> None:
         await self.batcher.start()
@@ -153,16 +146,16 @@ class ModelRunner:
         compilation fails (e.g. no C compiler for Triton), the network runs eagerly and the error is logged.
         """
         start = time.perf_counter()
-        if self.compile and hasattr(self.backend, "enable_compile"):
+        if self.compile:
             self.backend.enable_compile()
         sizes = [1]
-        if getattr(self.backend, "compiled", False):
+        if self.backend.compiled:
             sizes = sorted({1, min(2, self.config.batching.max_batch_size), self.config.batching.max_batch_size})
         try:
             for size in sizes:
                 self._forward([torch.zeros(self.task.item_shape, device=self.backend.device)] * size)
         except Exception:
-            if not getattr(self.backend, "compiled", False):
+            if not self.backend.compiled:
                 raise
             logger.exception("model %s: torch.compile failed during warm-up; running eagerly", self.key)
             self.backend.disable_compile()
@@ -174,7 +167,7 @@ class ModelRunner:
             self.backend.device,
             elapsed_ms,
             sizes,
-            ", compiled" if getattr(self.backend, "compiled", False) else "",
+            ", compiled" if self.backend.compiled else "",
         )
         return elapsed_ms
 

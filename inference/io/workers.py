@@ -69,7 +69,7 @@ class WorkerCrashedError(InvalidInputError):
 
 
 class _WorkerLogFormatter(logging.Formatter):
-    """The server's text log line (``inference.metrics.TEXT_FORMAT``), or its JSON line, for a worker's records: one
+    """The server's text log line (``inference.api.metrics.TEXT_FORMAT``), or its JSON line, for a worker's records: one
     line each, every message escaped, the job's request id."""
 
     def __init__(self, log_format: str) -> None:

@@ -58,7 +58,7 @@ class PreprocessConfig:
     foreground_fraction: float = 0.15
     # MR only: divide out a smooth multiplicative bias field before normalising, the exponential of a polynomial
     # of this degree in the voxel position fitted to the log intensity of the head's commonest tissue
-    # (inference.engine.preprocess.correct_bias). 0: no correction.
+    # (inference.tasks.preprocess.correct_bias). 0: no correction.
     bias_correction_degree: int = 0
 
     def __post_init__(self) -> None:

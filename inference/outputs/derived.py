@@ -20,10 +20,10 @@ from inference.io.volume import Volume
 from inference.outputs import encode_dataset
 from inference.outputs.algorithm import Algorithm
 from inference.outputs.fhir import build_fhir_report, encode_fhir
+from inference.outputs.finding import Finding, FindingMask
 from inference.outputs.regions import finding_masks
 from inference.outputs.seg import build_segmentation
 from inference.outputs.sr import build_measurement_report
-from inference.postprocess.finding import Finding, FindingMask
 
 logger = logging.getLogger(__name__)
 

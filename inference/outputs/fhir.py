@@ -45,8 +45,8 @@ from inference.outputs.codes import (
     finding_site_code,
     finding_type_code,
 )
+from inference.outputs.finding import Finding
 from inference.outputs.uids import SR, UUID_ROOT, DerivedUids
-from inference.postprocess.finding import Finding
 
 SYSTEMS = {
     "SCT": "http://snomed.info/sct",

@@ -30,7 +30,7 @@ import numpy as np
 from scipy import ndimage
 
 from inference.io.volume import SourceImage, Volume
-from inference.postprocess.finding import Finding, FindingMask
+from inference.outputs.finding import Finding, FindingMask
 
 POLYLINE = "POLYLINE"
 ELLIPSE = "ELLIPSE"

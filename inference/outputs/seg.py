@@ -39,10 +39,10 @@ from inference.errors import UnsupportedError
 from inference.io.volume import SourceImage, Volume
 from inference.outputs.algorithm import Algorithm, add_algorithm_equipment, lo
 from inference.outputs.codes import PROCESSING_ALGORITHM, coding_schemes, segment_codes
+from inference.outputs.finding import Finding, FindingMask
 from inference.outputs.regions import is_projection
 from inference.outputs.source import fit_source_datasets, patient_orientation
 from inference.outputs.uids import SEG, DerivedUids
-from inference.postprocess.finding import Finding, FindingMask
 
 logger = logging.getLogger(__name__)
 

@@ -96,10 +96,10 @@ from inference.outputs.codes import (
     finding_type_code,
     procedure_code,
 )
+from inference.outputs.finding import Finding, FindingMask
 from inference.outputs.regions import ImageGeometry, finding_masks, image_geometry, is_projection
 from inference.outputs.source import PATIENT_STUDY_TYPE2, patient_study_header
 from inference.outputs.uids import SR, DerivedUids
-from inference.postprocess.finding import Finding, FindingMask
 
 logger = logging.getLogger(__name__)
 

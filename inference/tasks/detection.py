@@ -2,13 +2,12 @@
 
 ``prepare`` resamples the study with the model's preprocessing and cuts it into ROI-sized patches;
 ``split_outputs`` decodes one batched forward pass into boxes per patch (MONAI's anchors, box coder and
-box selector, see :mod:`inference.postprocess.detection`); ``finalize`` merges the patches' boxes,
+box selector, see :mod:`inference.tasks.postprocess.detection`); ``finalize`` merges the patches' boxes,
 maps them into patient coordinates and returns Findings sorted by score.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from dataclasses import dataclass
@@ -16,30 +15,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from inference.engine.patches import PatchPlan, extract_patches, plan_patches
-from inference.engine.preprocess import preprocess
-from inference.engine.task import PreparedStudy, Task, TaskResult
 from inference.io.volume import Volume
-from inference.modelrepo.schema import ALLOWED_TARGET_PREFIXES, ModelConfig, NetworkConfig
-from inference.postprocess.detection import (
+from inference.modelrepo.schema import ModelConfig
+from inference.tasks.base import PreparedStudy, Task, TaskResult
+from inference.tasks.patches import PatchPlan, extract_patches, plan_patches
+from inference.tasks.postprocess.detection import (
     Detections,
     RetinaNetDecoder,
     boxes_to_findings,
     merge_patch_detections,
 )
+from inference.tasks.preprocess import preprocess
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DetectionContext", "DetectionTask", "instantiate_network"]
-
-
-def instantiate_network(network: NetworkConfig) -> torch.nn.Module:
-    """Build ``network.target(**network.args)``; the target must live in an allowed package."""
-    if not network.target.startswith(ALLOWED_TARGET_PREFIXES):
-        raise ValueError(f"network.target {network.target!r} must start with one of {ALLOWED_TARGET_PREFIXES}")
-    module_name, _, attr = network.target.rpartition(".")
-    factory = getattr(importlib.import_module(module_name), attr)
-    return factory(**network.args)
+__all__ = ["DetectionContext", "DetectionTask"]
 
 
 @dataclass(frozen=True)
@@ -65,9 +55,6 @@ class DetectionTask(Task):
     @property
     def item_shape(self) -> tuple[int, ...]:
         return (self.in_channels, *self.roi_size)
-
-    def build_network(self) -> torch.nn.Module:
-        return instantiate_network(self.config.network)
 
     def prepare(self, volume: Volume) -> PreparedStudy:
         start = time.perf_counter()

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from inference.triton.layout import INPUT_NAME, LAYOUT_PARAMETER
+from inference.backends.triton.layout import INPUT_NAME, LAYOUT_PARAMETER
 
 __all__ = ["INSTANCE_KINDS", "RUNTIMES", "TensorSpec", "TritonModelSpec", "parse_config", "render_config"]
 
@@ -53,7 +53,7 @@ class TritonModelSpec:
     max_queue_delay_ms: float
     input: TensorSpec
     outputs: tuple[TensorSpec, ...]
-    layout: Any  # inference.triton.layout structure
+    layout: Any  # inference.backends.triton.layout structure
     runtime: str = "pytorch"
     instance_kind: str = "gpu"
     instance_count: int = 1

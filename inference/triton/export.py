@@ -1,7 +1,7 @@
 """`radserve triton export`: a Triton model repository for every model version of a radserve repository.
 
 For each model version: build the Task's network exactly as the server does (same factory, same weights
-loading), wrap it so that it returns a flat tuple of tensors (:mod:`inference.triton.layout`), trace it to
+loading), wrap it so that it returns a flat tuple of tensors (:mod:`inference.backends.triton.layout`), trace it to
 TorchScript on a random batch of one, save ``<out>/<name>/<triton version>/model.pt``, then **load the file
 back and compare it with the eager network on a different random batch** (fp32, relative error below
 ``tolerance``, default 1e-4, on every output): an export that does not reproduce the network raises
@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
+from inference.backends.triton.layout import flatten
 from inference.triton.config_pbtxt import DATA_TYPES, TensorSpec, TritonModelSpec, input_spec, render_config
-from inference.triton.layout import flatten
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class ExportedVersion:
 
 
 class _FlatOutputs(torch.nn.Module):
-    """The network with its output flattened to a tuple, in :func:`inference.triton.layout.flatten` order."""
+    """The network with its output flattened to a tuple, in :func:`inference.backends.triton.layout.flatten` order."""
 
     def __init__(self, network: torch.nn.Module) -> None:
         super().__init__()
@@ -80,13 +80,10 @@ class _FlatOutputs(torch.nn.Module):
 
 def _load_network(config: Any, device: torch.device) -> tuple[Any, torch.nn.Module]:
     """(task, network with weights, eval, on ``device``): the server's own construction path."""
-    from inference.backends.torch import TorchBackend
-    from inference.modelrepo.registry import task_class
+    from inference.tasks import task_class
 
     task = task_class(config)(config, device)
-    network = task.build_network()
-    TorchBackend.from_weights(network, config.weights_path, device)  # loads the weights into `network`
-    return task, network.to(device).eval()
+    return task, task.load_network()
 
 
 def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -165,7 +162,7 @@ def _export_version(
 
 
 def _names(layout: Any) -> list[str]:
-    from inference.triton.layout import layout_names
+    from inference.backends.triton.layout import layout_names
 
     return layout_names(layout)
 
@@ -267,6 +264,7 @@ def export_repository(
 
 def repository_fingerprint(models: Path, **options: Any) -> str:
     """A digest of everything an export depends on: the versions' files, the options, torch, this code."""
+    from inference.backends.triton import layout
     from inference.modelrepo.repository import discover
 
     h = hashlib.sha256()
@@ -277,6 +275,7 @@ def repository_fingerprint(models: Path, **options: Any) -> str:
     )
     for source in discover(Path(models)):
         h.update(source.key.encode() + b"\0" + source.digest()[0].encode())
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    # This package's code and the tensor layout it exports with (kept with the backend that reads it).
+    for path in [*sorted(Path(__file__).parent.glob("*.py")), Path(layout.__file__)]:
         h.update(path.read_bytes())
     return h.hexdigest()[:16]

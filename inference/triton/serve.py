@@ -287,7 +287,7 @@ class TritonServerProcess:
         """Block until Triton says ready; returns the names of the ready models. Raises on exit or time-out."""
         from tritonclient.utils import InferenceServerException
 
-        from inference.triton.client import connect
+        from inference.backends.triton.client import connect
 
         deadline = time.monotonic() + timeout_s
         client = connect(self.url)

@@ -47,13 +47,13 @@ import torch
 from monai.losses import DiceCELoss
 from scipy import ndimage
 
-from inference.engine.direct import run_direct
-from inference.engine.preprocess import preprocess
-from inference.engine.task import PreparedStudy, TaskResult
 from inference.io.volume import Volume
 from inference.modelrepo.schema import ModelConfig
+from inference.outputs.finding import Finding
 from inference.phantoms.brain_mr import BrainMRParams, lesion_mask, render_brain_mr, sample_brain_mr_params
-from inference.postprocess.finding import Finding
+from inference.tasks.base import PreparedStudy, TaskResult
+from inference.tasks.direct import run_direct
+from inference.tasks.preprocess import preprocess
 from inference.tasks.segmentation import SegmentationTask
 from inference.training import (
     crop_with_padding,
@@ -678,7 +678,7 @@ def _bias_line(config: ModelConfig) -> str:
     if not degree:
         return ""
     return (
-        "\n  the bias field divided out (`inference.engine.preprocess.correct_bias`: the exponential of a "
+        "\n  the bias field divided out (`inference.tasks.preprocess.correct_bias`: the exponential of a "
         f"degree-{degree}\n  polynomial of the position, fitted to the log intensity of the head's commonest tissue);"
     )
 

@@ -44,8 +44,8 @@ import numpy as np
 import torch
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 
-from inference.engine.direct import load_network, run_direct
 from inference.modelrepo.schema import ModelConfig
+from inference.outputs.finding import Finding
 from inference.phantoms.chest_xray import (
     BITS_STORED_CHOICES,
     PHOTOMETRICS,
@@ -56,14 +56,10 @@ from inference.phantoms.chest_xray import (
     render_chest_xray,
     sample_chest_xray_params,
 )
-from inference.postprocess.detection import build_anchor_generator
-from inference.postprocess.finding import Finding
-from inference.tasks.projection import (
-    ProjectionDetectionTask,
-    ProjectionGeometry,
-    normalize_and_pad,
-    projection_findings,
-)
+from inference.tasks.direct import load_network, run_direct
+from inference.tasks.postprocess.detection import build_anchor_generator
+from inference.tasks.postprocess.projection import ProjectionGeometry, projection_findings
+from inference.tasks.projection import ProjectionDetectionTask, normalize_and_pad
 from inference.training import cpu_name, setup
 
 logger = logging.getLogger("train_chest_xray")

@@ -42,14 +42,14 @@ import torch
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 from torchvision.ops import sigmoid_focal_loss
 
-from inference.engine.direct import run_direct
-from inference.engine.preprocess import preprocess
 from inference.modelrepo.schema import ModelConfig
+from inference.outputs.finding import Finding
 from inference.phantoms.base import Phantom
 from inference.phantoms.chest_ct import make_chest_ct
-from inference.postprocess.detection import boxes_from_centers, build_anchor_generator
-from inference.postprocess.finding import Finding
 from inference.tasks.detection import DetectionTask
+from inference.tasks.direct import run_direct
+from inference.tasks.postprocess.detection import boxes_from_centers, build_anchor_generator
+from inference.tasks.preprocess import preprocess
 from inference.training import (
     crop_with_padding,
     machine_info,

@@ -23,10 +23,10 @@ import yaml
 
 from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.client import ReadingClient
-from inference.modelrepo.registry import task_class
 from inference.modelrepo.schema import ModelConfig
 from inference.phantoms import make_chest_ct, write_dicom_series, write_nifti
 from inference.serverproc import ServerProcess
+from inference.tasks import task_class
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_VOXELS = 1_000_000  # the test server's limit: the study below fits, a twice-as-long one does not

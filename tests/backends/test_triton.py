@@ -26,11 +26,11 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2
 
+from inference.backends.triton.layout import flatten, layout_names, parse_layout, rebuild
 from inference.config import TritonConfig
 from inference.errors import BackendUnavailableError
 from inference.serverproc import ServerProcess, free_port, health_status
 from inference.triton.config_pbtxt import TensorSpec, TritonModelSpec, input_spec, parse_config, render_config
-from inference.triton.layout import flatten, layout_names, parse_layout, rebuild
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "models"
@@ -133,8 +133,8 @@ def test_model_yaml_backend_overrides_the_server_flag():
     import yaml
 
     from inference.backends.triton import TritonBackend
-    from inference.modelrepo.registry import backend_of, build_runner
     from inference.modelrepo.schema import ModelConfig
+    from inference.serving.runners import backend_of, build_runner
 
     path = MODELS / "chest_xray" / "1" / "model.yaml"
     data = yaml.safe_load(path.read_text())
@@ -225,7 +225,7 @@ class TritonUnderTest:
     def start(self, timeout_s: float = 240.0) -> None:
         from tritonclient.utils import InferenceServerException
 
-        from inference.triton.client import connect
+        from inference.backends.triton.client import connect
 
         self.starts += 1
         log = open(self.log_dir / f"triton-{self.starts}.log", "wb")  # noqa: SIM115 - closed with the process
@@ -251,7 +251,7 @@ class TritonUnderTest:
         return (self.log_dir / f"triton-{self.starts}.log").read_text(errors="replace")[-4000:]
 
     def inference_count(self) -> int:
-        from inference.triton.client import connect
+        from inference.backends.triton.client import connect
 
         client = connect(self.url)
         try:
@@ -328,9 +328,9 @@ def _read(target: str, data: bytes, raw, timeout_s: float = 120.0):
 
 
 def _torch_findings(volume) -> list:
-    from inference.engine.direct import load_network, run_direct
-    from inference.modelrepo.registry import task_class
     from inference.modelrepo.schema import ModelConfig
+    from inference.tasks import task_class
+    from inference.tasks.direct import load_network, run_direct
 
     config = ModelConfig.from_yaml(MODELS / CT_MODEL / "1" / "model.yaml")
     task = task_class(config)(config, torch.device("cpu"))

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from inference.modelrepo.registry import task_class
 from inference.modelrepo.schema import ModelConfig
+from inference.tasks import task_class
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -20,9 +20,9 @@ import torch
 from inference.backends.torch import TorchBackend
 from inference.engine.runner import ModelRunner
 from inference.errors import LimitExceededError
-from inference.modelrepo.registry import task_class
 from inference.modelrepo.schema import ModelConfig
 from inference.phantoms import make_chest_ct
+from inference.tasks import task_class
 
 ROOT = Path(__file__).resolve().parents[2]
 MIB = 1024 * 1024

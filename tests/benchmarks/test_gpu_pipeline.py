@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from inference.engine.direct import forward_items, load_network, run_direct
-from inference.engine.preprocess import preprocess
-from inference.modelrepo.registry import task_class
 from inference.modelrepo.schema import ModelConfig
 from inference.phantoms import make_brain_mr, make_chest_ct, write_dicom_series
+from inference.tasks import task_class
+from inference.tasks.direct import forward_items, load_network, run_direct
+from inference.tasks.preprocess import preprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.cuda
@@ -220,7 +220,7 @@ def test_mr_preprocessing_with_bias_correction_on_the_gpu_matches_the_cpu():
 def test_compiled_network_computes_what_the_eager_one_does():
     from benchmarks.compile_check import compiled_graphs
     from inference.backends.torch import TorchBackend
-    from inference.postprocess.detection import split_head_outputs
+    from inference.tasks.postprocess.detection import split_head_outputs
 
     config = _config("lung_nodule_ct")
     task = task_class(config)(config, torch.device("cuda"))

@@ -666,7 +666,7 @@ def test_voxel_limit_is_checked_before_decoding(monkeypatch):
     def no_decoding(*args: object) -> None:
         raise AssertionError("decoded pixels before checking the voxel limit")
 
-    monkeypatch.setattr("inference.io.dicom._decode", no_decoding)
+    monkeypatch.setattr("inference.io.dicom.decode._decode", no_decoding)
     files, _ = series()
     with pytest.raises(LimitExceededError):
         read_dicom_series(files, limits=InputLimits(max_voxels=5000, max_dimension=100))

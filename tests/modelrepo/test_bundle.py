@@ -26,10 +26,11 @@ from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.cli import main as cli_main
 from inference.client import ReadingClient
 from inference.modelrepo.bundle import load_bundle
-from inference.modelrepo.registry import build_runner, task_class
 from inference.modelrepo.schema import BUNDLE_NETWORK_TARGET, ModelConfig, PostprocessConfig
 from inference.phantoms import make_chest_ct
 from inference.serverproc import ServerProcess
+from inference.serving.runners import build_runner
+from inference.tasks import task_class
 from inference.tasks.detection import DetectionTask
 from inference.tasks.segmentation import SegmentationTask
 

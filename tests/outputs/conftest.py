@@ -14,8 +14,8 @@ import pytest
 
 from inference.io.dicom import read_dicom_series
 from inference.io.volume import Volume
+from inference.outputs.finding import Finding
 from inference.phantoms import PlantedLesion, make_chest_ct, write_dicom_series
-from inference.postprocess.finding import Finding
 
 SCORES = (0.91, 0.42)
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from inference.outputs import load_findings_schema, validate_findings_json
-from inference.postprocess.finding import Finding
+from inference.outputs.finding import Finding
 
 UID = "1.2.826.0.1.3680043.8.498.12345678901234567890"
 

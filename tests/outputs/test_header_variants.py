@@ -23,6 +23,7 @@ from inference.io.dicom import read_dicom_series
 from inference.io.volume import Volume
 from inference.outputs import Algorithm, conformance
 from inference.outputs.derived import build_derived
+from inference.outputs.finding import Finding
 from inference.outputs.source import PATIENT_STUDY_TYPE2
 from inference.phantoms import (
     make_brain_mr,
@@ -32,7 +33,6 @@ from inference.phantoms import (
     write_dicom_series,
     write_xray_dicom,
 )
-from inference.postprocess.finding import Finding
 
 pytestmark = pytest.mark.skipif(not conformance.dciodvfy_available(), reason="dciodvfy (dicom3tools) is not installed")
 

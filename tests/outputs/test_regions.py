@@ -7,6 +7,7 @@ import pytest
 from scipy import ndimage
 
 from inference.io.volume import SourceImage, SourceRefs, Volume
+from inference.outputs.finding import Finding, FindingMask
 from inference.outputs.regions import (
     ELLIPSE,
     POLYLINE,
@@ -16,7 +17,6 @@ from inference.outputs.regions import (
     polygon_area,
     render_box,
 )
-from inference.postprocess.finding import Finding, FindingMask
 
 
 def _inside(polygon: np.ndarray, points: np.ndarray) -> np.ndarray:

@@ -15,11 +15,11 @@ from inference.errors import UnsupportedError
 from inference.io.dicom import read_dicom_series
 from inference.io.volume import Volume
 from inference.outputs import Algorithm, build_segmentation, encode_dataset
+from inference.outputs.finding import Finding, FindingMask
 from inference.outputs.regions import finding_masks
 from inference.outputs.uids import SEG, DerivedUids
 from inference.phantoms import make_chest_ct, write_dicom_multiframe
-from inference.postprocess.finding import Finding, FindingMask
-from inference.tasks.segmentation import mask_to_findings
+from inference.tasks.postprocess.segmentation import mask_to_findings
 
 ALGORITHM = Algorithm("lung_nodule_ct", "1.2.0", "c0" * 32)
 

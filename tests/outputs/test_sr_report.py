@@ -29,9 +29,9 @@ from inference.outputs.codes import (
     finding_type_code,
     procedure_code,
 )
+from inference.outputs.finding import Finding, FindingMask
 from inference.outputs.regions import finding_masks, polygon_area
 from inference.outputs.uids import SR, DerivedUids
-from inference.postprocess.finding import Finding, FindingMask
 
 ALGORITHM = Algorithm("lung_nodule_ct", "1.2.0", "ab" * 32)
 

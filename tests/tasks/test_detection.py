@@ -11,14 +11,14 @@ import torch
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 from scipy import ndimage
 
-from inference.engine.direct import load_network, run_direct
-from inference.engine.patches import plan_patches
-from inference.engine.preprocess import preprocess
 from inference.io.volume import SourceImage, SourceRefs, Volume
 from inference.modelrepo.schema import DetectorConfig, ModelConfig, PostprocessConfig
 from inference.networks.retinanet import build_retinanet, feature_map_strides
 from inference.phantoms.chest_ct import make_chest_ct
-from inference.postprocess.detection import (
+from inference.tasks.detection import DetectionTask
+from inference.tasks.direct import load_network, run_direct
+from inference.tasks.patches import plan_patches
+from inference.tasks.postprocess.detection import (
     Detections,
     RetinaNetDecoder,
     boxes_from_centers,
@@ -26,7 +26,7 @@ from inference.postprocess.detection import (
     build_anchor_generator,
     merge_patch_detections,
 )
-from inference.tasks.detection import DetectionTask
+from inference.tasks.preprocess import preprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_YAML = ROOT / "models" / "lung_nodule_ct" / "1" / "model.yaml"

@@ -10,14 +10,15 @@ import pydicom
 import pytest
 import torch
 
-from inference.engine.direct import load_network, run_direct
 from inference.errors import InvalidInputError
 from inference.io.volume import SourceImage, SourceRefs, Volume
-from inference.modelrepo.registry import task_class
 from inference.modelrepo.schema import ModelConfig
 from inference.phantoms import make_chest_xray, render_chest_xray, sample_chest_xray_params, write_xray_dicom
-from inference.postprocess.detection import Detections
-from inference.tasks.projection import ProjectionDetectionTask, ProjectionGeometry, projection_findings
+from inference.tasks import task_class
+from inference.tasks.direct import load_network, run_direct
+from inference.tasks.postprocess.detection import Detections
+from inference.tasks.postprocess.projection import ProjectionGeometry, projection_findings
+from inference.tasks.projection import ProjectionDetectionTask
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_YAML = ROOT / "models" / "chest_xray" / "1" / "model.yaml"

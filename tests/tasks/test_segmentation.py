@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from inference.engine.direct import load_network, run_direct
-from inference.engine.patches import extract_patches, plan_patches
 from inference.io.volume import SourceImage, SourceRefs, Volume
-from inference.modelrepo.registry import task_class
 from inference.modelrepo.schema import ModelConfig
 from inference.phantoms import make_brain_mr
 from inference.phantoms.brain_mr import BallUnion
-from inference.tasks.segmentation import SegmentationTask, mask_to_findings, stitch_patches
+from inference.tasks import task_class
+from inference.tasks.direct import load_network, run_direct
+from inference.tasks.patches import extract_patches, plan_patches
+from inference.tasks.postprocess.segmentation import mask_to_findings, stitch_patches
+from inference.tasks.segmentation import SegmentationTask
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_YAML = ROOT / "models" / "brain_lesion_mr" / "1" / "model.yaml"

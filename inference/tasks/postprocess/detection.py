@@ -7,7 +7,7 @@ Box convention (everything in this module, and the training targets of every det
 * Coordinates are voxel *edges*: voxel ``i`` covers ``[i, i + 1)``. This is MONAI's detection convention:
   its anchor generator puts the anchors of a stride-``s`` feature cell ``n`` at ``s * n + s // 2``, the
   middle of input voxels ``s * n .. s * n + s - 1``, and ``clip_boxes_to_image`` clips to ``[0, size]``.
-* The affines of :class:`~inference.io.volume.Volume` and :class:`~inference.engine.preprocess.Preprocessed`
+* The affines of :class:`~inference.io.volume.Volume` and :class:`~inference.tasks.preprocess.Preprocessed`
   map voxel-*center* indices, so a box's edge coordinate ``e`` is the index ``e - 0.5``
   (:func:`edge_to_index`, :func:`boxes_from_centers`).
 
@@ -32,10 +32,10 @@ from monai.apps.detection.utils.box_coder import BoxCoder
 from monai.apps.detection.utils.box_selector import BoxSelector
 from monai.data.box_utils import StandardMode, batched_nms, box_iou
 
-from inference.engine.patches import PatchPlan
 from inference.io.volume import Volume
 from inference.modelrepo.schema import DetectorConfig, PostprocessConfig
-from inference.postprocess.finding import Finding
+from inference.outputs.finding import Finding
+from inference.tasks.patches import PatchPlan
 
 logger = logging.getLogger(__name__)
 

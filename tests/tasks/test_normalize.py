@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from inference.engine.preprocess import preprocess
 from inference.io.volume import Volume
 from inference.modelrepo.schema import PreprocessConfig
+from inference.tasks.preprocess import preprocess
 
 FOREGROUND = PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0), normalize="zscore_foreground")
 

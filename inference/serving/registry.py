@@ -1,11 +1,11 @@
-"""The models a server has loaded, and how a read picks one."""
+"""The models a server has loaded, their versions' states, and how a read picks one (the runners come from
+:mod:`inference.serving.runners`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import functools
-import importlib
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Executor
@@ -15,10 +15,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from inference.backends.torch import TorchBackend
 from inference.config import TritonConfig
 from inference.engine.runner import ModelRunner
-from inference.engine.task import Task
 from inference.errors import (
     BackendUnavailableError,
     InvalidInputError,
@@ -28,83 +26,9 @@ from inference.errors import (
 )
 from inference.modelrepo.repository import VersionSource, discover, sources_at, version_key
 from inference.modelrepo.schema import MODALITIES, ModelConfig
+from inference.serving.runners import build_runner
 
 logger = logging.getLogger(__name__)
-
-# (task, spatial dims of the network input) -> "module:Class"; imported on first use.
-TASK_CLASSES = {
-    ("detection", 3): "inference.tasks.detection:DetectionTask",
-    ("segmentation", 3): "inference.tasks.segmentation:SegmentationTask",
-    ("detection", 2): "inference.tasks.projection:ProjectionDetectionTask",
-}
-
-
-def task_class(config: ModelConfig) -> type[Task]:
-    key = (config.task, len(config.inferer.roi_size))
-    if key not in TASK_CLASSES:
-        raise ValueError(f"no implementation for a {key[1]}-D {key[0]} model; known: {sorted(TASK_CLASSES)}")
-    module, name = TASK_CLASSES[key].split(":")
-    cls = getattr(importlib.import_module(module), name)
-    return _with_network_factory(cls) if config.network_factory is not None else cls
-
-
-@functools.cache
-def _with_network_factory(cls: type[Task]) -> type[Task]:
-    """``cls`` whose ``build_network`` calls ``config.network_factory`` (a MONAI bundle's network_def)."""
-
-    def build_network(self: Task) -> torch.nn.Module:
-        return self.config.network_factory()
-
-    return type(f"Bundle{cls.__name__}", (cls,), {"build_network": build_network, "__module__": __name__})
-
-
-def _load_state_dict(network: torch.nn.Module, weights: Path) -> torch.nn.Module:
-    """A bundle checkpoint: a state dict, or one under "model"/"state_dict"/"network" (``weights_only``)."""
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "network"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict) and len(state) <= 3:
-            state = state[key]
-            break
-    network.load_state_dict(state)
-    return network
-
-
-def backend_of(config: ModelConfig, default: str = "torch") -> str:
-    """Where a version's network runs: model.yaml's ``backend`` when set, else the server's ``--backend``."""
-    return config.backend or default
-
-
-def build_runner(
-    config: ModelConfig,
-    device: torch.device,
-    io_executor: Executor | None = None,
-    *,
-    backend: str = "torch",
-    triton: TritonConfig | None = None,
-) -> ModelRunner:
-    task = task_class(config)(config, device)
-    if backend_of(config, backend) == "triton":
-        from inference.backends.triton import TritonBackend
-
-        # No weights here: Triton serves the export of this version (`radserve triton export`).
-        triton_backend = TritonBackend(
-            config.name,
-            config.version,
-            task.item_shape,
-            triton or TritonConfig(),
-            max_batch_size=config.batching.max_batch_size,
-            device=device,
-        )
-        return ModelRunner(config, task, triton_backend, io_executor)
-    if config.network_factory is None:
-        backend = TorchBackend.from_weights(task.build_network(), config.weights_path, device, autocast=config.autocast)
-    elif config.weights_path.suffix == ".ts":  # TorchScript: the factory loaded the weights with the program
-        backend = TorchBackend(task.build_network(), device, autocast=config.autocast)
-    else:
-        network = _load_state_dict(task.build_network(), config.weights_path)
-        backend = TorchBackend(network, device, autocast=config.autocast)
-    return ModelRunner(config, task, backend, io_executor)
-
 
 # Version states (ListModels): a version is READY while it serves reads, LOADING while its first load runs,
 # FAILED when that load failed (never served), UNLOADING when it left routing and finishes its reads.
@@ -347,7 +271,7 @@ class ModelRegistry:
                     try:
                         await asyncio.to_thread(runner.warmup)
                     except BackendUnavailableError as exc:
-                        if not hasattr(runner.backend, "is_ready"):
+                        if not runner.backend.remote:
                             raise
                         # A remote backend that is down is no broken version: the version serves once it is
                         # back, and health says NOT_SERVING meanwhile (the server's backend watcher).
@@ -449,11 +373,10 @@ class ModelRegistry:
 
     def backends_ready(self) -> bool:
         """Whether every READY version's backend can run now (a remote one, e.g. Triton, is asked; blocking:
-        call it in a thread). Backends without ``is_ready`` (torch) always can."""
+        call it in a thread). A local backend (torch) always can."""
         ready = True
         for runner in self.runners:
-            is_ready = getattr(runner.backend, "is_ready", None)
-            if is_ready is not None and not is_ready():
+            if not runner.backend.is_ready():
                 ready = False  # ask every backend, so that each logs its own transitions
         return ready
 

@@ -37,10 +37,10 @@ import numpy as np
 import torch
 
 from inference.backends.base import Backend
+from inference.backends.triton.client import connect
+from inference.backends.triton.layout import LAYOUT_PARAMETER, layout_names, parse_layout, rebuild
 from inference.config import TritonConfig
 from inference.errors import BackendUnavailableError, RadserveError
-from inference.triton.client import connect
-from inference.triton.layout import LAYOUT_PARAMETER, layout_names, parse_layout, rebuild
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class _RetriableError(Exception):
 
 class TritonBackend(Backend):
     name = "triton"
+    remote = True
 
     def __init__(
         self,

@@ -17,7 +17,8 @@ import torch
 
 from inference.io.volume import Volume
 from inference.modelrepo.schema import ModelConfig
-from inference.postprocess.finding import Finding, FindingMask
+from inference.outputs.finding import Finding, FindingMask
+from inference.tasks.network import build_network, load_network
 
 
 @dataclass
@@ -57,10 +58,14 @@ class Task(ABC):
         """Shape (C, *spatial) of every work item of this model."""
         raise NotImplementedError(f"{type(self).__name__} must define item_shape")
 
-    @abstractmethod
     def build_network(self) -> torch.nn.Module:
-        """The bare network the backend runs (no weights loaded)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement build_network")
+        """The bare network the backend runs (no weights loaded): model.yaml's ``network``, or the bundle's."""
+        return build_network(self.config)
+
+    def load_network(self) -> torch.nn.Module:
+        """:meth:`build_network` with the version's weights, in eval mode on the task's device: the one path by
+        which the runner factory, the Triton export and the direct runs get a network."""
+        return load_network(self.config, self.build_network(), self.device)
 
     @abstractmethod
     def prepare(self, volume: Volume) -> PreparedStudy:

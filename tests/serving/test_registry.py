@@ -13,10 +13,10 @@ import yaml
 
 from inference.config import DEFAULT_MODELS, load_config
 from inference.errors import ModalityMismatchError, ModelNotFoundError
-from inference.modelrepo.registry import FAILED, LOADING, READY, UNLOADING, ModelRegistry
 from inference.modelrepo.repository import discover, sources_at
 from inference.modelrepo.schema import ModelConfig
-from inference.modelrepo.watcher import RepositoryWatcher
+from inference.serving.registry import FAILED, LOADING, READY, UNLOADING, ModelRegistry
+from inference.serving.watcher import RepositoryWatcher
 from inference.tasks.detection import DetectionTask
 
 ROOT = Path(__file__).resolve().parents[2]

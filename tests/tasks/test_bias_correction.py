@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference.engine.preprocess import correct_bias, preprocess
 from inference.io.volume import Volume
 from inference.modelrepo.schema import ModelConfig, PreprocessConfig
+from inference.tasks.preprocess import correct_bias, preprocess
 
 N = 72  # voxels a side, 2 mm: identity resampling, so voxel (i, j, k) of the output is voxel (i, j, k) of the input
 AFFINE = np.diag([-2.0, -2.0, 2.0, 1.0])  # already RAS-ordered: no reorientation

@@ -25,8 +25,8 @@ import logging
 import time
 from pathlib import Path
 
-from inference.modelrepo.registry import FROM_REPOSITORY, FROM_REQUEST, ModelRegistry
 from inference.modelrepo.repository import VersionSource, discover
+from inference.serving.registry import FROM_REPOSITORY, FROM_REQUEST, ModelRegistry
 
 logger = logging.getLogger(__name__)
 

@@ -10,20 +10,17 @@ from typing import Any
 
 import torch
 
-from inference.engine.task import Task, TaskResult
 from inference.io.volume import Volume
+from inference.outputs.finding import Finding
 from inference.platform import autocast_dtype
-from inference.postprocess.finding import Finding
+from inference.tasks.base import Task, TaskResult
 
 __all__ = ["forward_items", "load_network", "run_direct", "run_direct_result"]
 
 
 def load_network(task: Task) -> torch.nn.Module:
     """The task's network with the model version's weights, in eval mode on the task's device."""
-    network = task.build_network()
-    state = torch.load(task.config.weights_path, map_location="cpu", weights_only=True)
-    network.load_state_dict(state)
-    return network.to(task.device).eval()
+    return task.load_network()
 
 
 def forward_items(task: Task, network: torch.nn.Module, items: list[torch.Tensor], batch_size: int = 4) -> list[Any]:

@@ -73,7 +73,7 @@ class _EngineCollector(Collector):
             buckets = [(str(bound), sum(n for size, n in sizes.items() if size <= bound)) for bound in BATCH_BUCKETS]
             buckets.append(("+Inf", sum(sizes.values())))
             batches.add_metric(labels, buckets, sum_value=sum(size * n for size, n in sizes.items()))
-            allocated = getattr(runner.backend, "memory_allocated_bytes", lambda: None)()
+            allocated = runner.backend.memory_allocated_bytes()
             if allocated is not None:
                 devices[str(runner.device)] = allocated
         for device, allocated in sorted(devices.items()):

@@ -1,0 +1,1 @@
+"""Postprocessing per kind of task: network outputs (boxes, masks) -> Findings in patient coordinates."""
