@@ -68,9 +68,15 @@ def _agreement(client: ReadingClient) -> dict:
         "compared": s.reads_compared,
         "skipped": s.reads_skipped,
         "failed": s.reads_failed,
-        "live_found_share": s.live_found_share,
-        "shadow_found_share": s.shadow_found_share,
+        "live_found_share": round(s.live_found_share, 4),  # of the last "on" phase
+        "shadow_found_share": round(s.shadow_found_share, 4),
     }
+
+
+def _wait_shadow(client: ReadingClient, n: int, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _shadow_done(client) < n and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def _phase(client: ReadingClient, studies: list, reads: int, gap_s: float) -> list[float]:
@@ -122,19 +128,18 @@ def main() -> int:
             _phase(client, studies, 2, args.gap_s)
             off: list[float] = []
             on: list[float] = []
-            shadowed = 2
+            compared = {"compared": 0, "skipped": 0, "failed": 0}
             for _ in range(args.rounds):
-                deadline = time.monotonic() + 300
-                while _shadow_done(client) < shadowed and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                client.shadow_model(NAME, "2", 0.0)
+                _wait_shadow(client, 2 if not on else args.reads)  # the last "on" phase's shadow reads
+                if on:
+                    compared = {k: compared[k] + _agreement(client)[k] for k in compared}
+                client.shadow_model(NAME, "2", 0.0)  # ends the shadow (its counts start afresh when marked again)
                 off += _phase(client, studies, args.reads, args.gap_s)
                 client.shadow_model(NAME, "2", 1.0)
                 on += _phase(client, studies, args.reads, args.gap_s)
-                shadowed += args.reads
-            while _shadow_done(client) < shadowed and time.monotonic() < deadline:
-                time.sleep(0.2)
-            agreement = _agreement(client)
+            _wait_shadow(client, args.reads)
+            last = _agreement(client)
+            agreement = {**last, **{k: compared[k] + last[k] for k in compared}}
             before = _shadow_done(client)
             saturated = _phase(client, studies, args.saturated_reads, 0.0)
             saturated_shadow = _agreement(client)
