@@ -10,7 +10,7 @@ TRITON_VENV ?= .venv-triton
 TRITON_REPO ?= out/triton-repository
 TRITON_PORT ?= 8001
 
-.PHONY: venv serve test test-fast lint format proto demo bench train clean venv-triton triton-export triton-serve
+.PHONY: venv serve test test-unit test-fast lint format proto demo bench train clean venv-triton triton-export triton-serve
 .PHONY: demo-archive
 
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -38,6 +38,9 @@ serve: venv  ## start the server on $(HOST):$(PORT) with the bundled models on t
 
 test: venv venv-triton  ## the whole test suite (GPU tests skip without CUDA; Triton tests use .venv-triton)
 	$(PY) -m pytest -q -ra
+
+test-unit: venv  ## the tests that start no server and train nothing (about 2.5 minutes on 2 cores)
+	$(PY) -m pytest -q -ra -m "not server and not slow"
 
 test-fast: venv  ## everything but the tests marked slow
 	$(PY) -m pytest -q -ra -m "not slow"

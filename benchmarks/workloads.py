@@ -158,7 +158,7 @@ def _xray_phantom(spec: StudySpec):
 def materialize(spec: StudySpec, cache: Path, *, chunk_bytes: int = CHUNK_BYTES) -> Study:
     """Render, write (once per cache folder) and decode ``spec``; build its Read messages."""
     from inference.phantoms import write_dicom_series, write_nifti
-    from inference.phantoms.chest_xray import write_xray_dicom
+    from inference.phantoms.writers import write_xray_dicom
 
     folder = Path(cache) / spec.key()
     done = folder / "done"

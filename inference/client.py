@@ -337,11 +337,21 @@ class ReadingClient:
         return self.stub.ShadowModel(request, timeout=timeout_s, metadata=self.metadata)
 
     def promote_model(
-        self, model: str, model_version: str, *, force: bool = False, timeout_s: float = 600.0
+        self,
+        model: str,
+        model_version: str,
+        *,
+        force: bool = False,
+        check_only: bool = False,
+        client_reasons: Sequence[str] = (),
+        timeout_s: float = 600.0,
     ) -> pb.PromoteModelResponse:
-        """Give ``model:model_version`` default routing; FAILED_PRECONDITION with the guard's reasons unless
-        ``force`` (audited). The guard may read an evaluation dataset first: allow it time."""
-        request = pb.PromoteModelRequest(model=model, model_version=model_version, force=force)
+        """Give ``model:model_version`` default routing; FAILED_PRECONDITION with the guard's reasons (the server's
+        and ``client_reasons``) unless ``force`` (audited). ``check_only``: change nothing, return what the guard says
+        and the evaluation dataset to check (``radserve models promote`` does both steps)."""
+        request = pb.PromoteModelRequest(
+            model=model, model_version=model_version, force=force, check_only=check_only, client_reasons=client_reasons
+        )
         return self.stub.PromoteModel(request, timeout=timeout_s, metadata=self.metadata)
 
     def rollback_model(self, model: str, timeout_s: float = 30.0) -> pb.RollbackModelResponse:

@@ -29,12 +29,48 @@ DEFAULT_MODELS = {"CT": "lung_nodule_ct", "MR": "brain_lesion_mr", "CR": "chest_
 TRITON_SHARED_MEMORY = ("auto", "on", "off")
 
 
+def cli_flag(help: str, **options: Any) -> dict[str, Any]:
+    """Field metadata: ``radserve serve`` has a flag for this setting, with ``help``. The flag is ``--field-name``
+    (``options["flag"]`` overrides it), typed as the field's default; a bool is ``--name/--no-name`` unless
+    ``action="store_true"``. Other ``options``: ``choices``, ``metavar``, ``action="append"`` (values joined by
+    commas, as the environment gives them)."""
+    return {"cli": {"help": help, **options}}
+
+
+@dataclass(frozen=True)
+class CliSetting:
+    """A setting with a ``radserve serve`` flag: its key in :func:`load_config`'s ``cli`` mapping, type and flag."""
+
+    key: str  # "port"; "triton_url" for TritonConfig.url
+    kind: type
+    flag: str
+    options: dict[str, Any]
+
+
+def cli_settings() -> list[CliSetting]:
+    """The settings ``radserve serve`` has flags for, from the dataclasses' field metadata (:func:`cli_flag`)."""
+    settings = []
+    for cls, prefix in ((ServerConfig, ""), (TritonConfig, "triton_")):
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            if "cli" not in f.metadata:
+                continue
+            options = dict(f.metadata["cli"])
+            key = prefix + f.name
+            flag = options.pop("flag", "--" + key.replace("_", "-"))
+            settings.append(CliSetting(key, type(getattr(defaults, f.name)), flag, options))
+    return settings
+
+
 @dataclass(frozen=True)
 class TritonConfig:
     """The Triton backend (``backend: triton``; README "Scale out with Triton"). YAML: a ``triton:`` mapping;
     environment ``RADSERVE_TRITON_<FIELD>``; CLI ``--triton-url``."""
 
-    url: str = "127.0.0.1:8001"  # Triton's gRPC endpoint, HOST:PORT
+    # Triton's gRPC endpoint, HOST:PORT
+    url: str = field(
+        default="127.0.0.1:8001", metadata=cli_flag("HOST:PORT of Triton's gRPC endpoint (default 127.0.0.1:8001)")
+    )
     # Readiness, config and shared-memory calls; also how long a dead Triton can delay a health check.
     connect_timeout_s: float = 2.0
     # One inference call (a batch of at most max_batch_size items); the read's own deadline also applies.
@@ -88,11 +124,18 @@ class PromotionPolicy:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 50051
-    models: Path = Path("models")
-    device: str = "auto"
-    backend: str = "torch"  # torch | triton: where networks run (model.yaml `backend:` overrides per model)
+    host: str = field(default="127.0.0.1", metadata=cli_flag("address to bind (default 127.0.0.1)"))
+    port: int = field(default=50051, metadata=cli_flag("port (default 50051; 0 picks a free one)"))
+    models: Path = field(default=Path("models"), metadata=cli_flag("model repository (default ./models)"))
+    device: str = field(default="auto", metadata=cli_flag("auto|cpu|cuda (default auto)"))
+    # torch | triton: where networks run (model.yaml `backend:` overrides per model)
+    backend: str = field(
+        default="torch",
+        metadata=cli_flag(
+            "where networks run: in this process (torch, default) or on a Triton Inference Server (triton)",
+            choices=["torch", "triton"],
+        ),
+    )
     triton: TritonConfig = field(default_factory=TritonConfig)
     # Largest single gRPC message either way; a 4 MiB chunk plus framing always fits. A Read whose response
     # (findings + DICOM SR + DICOM SEG) is larger fails with RESOURCE_EXHAUSTED naming ReadStreamed.
@@ -101,52 +144,82 @@ class ServerConfig:
     # lower it to test reassembly with small objects).
     output_chunk_bytes: int = 4 * MiB
     # SIGTERM: reads in flight get this long to finish before the server stops.
-    grace_s: float = 30.0
+    grace_s: float = field(default=30.0, metadata=cli_flag("drain time on SIGTERM (default 30)"))
     # Worker threads for decoding and preprocessing (the forward pass has one thread per model).
     io_threads: int = 2
     warmup: bool = True
-    log_level: str = "INFO"
-    log_format: str = "text"  # text | json (one object per line: ts, level, logger, request_id, msg)
+    log_level: str = field(default="INFO", metadata=cli_flag("DEBUG|INFO|WARNING|ERROR"))
+    # text | json (one object per line: ts, level, logger, request_id, msg)
+    log_format: str = field(default="text", metadata=cli_flag("log lines (default text)", choices=["text", "json"]))
     limits: InputLimits = field(default_factory=InputLimits)
     # Admission (inference/api/admission.py; README "Limits"): reads being computed (decoded, preprocessed, run);
     # a read beyond them gets UNAVAILABLE, before its payload is received when they are all taken. Reads receiving
     # their payload are counted apart (max_uploads), so slow uploads cannot take compute slots, and each client
     # (its tenant with --auth-tokens, else its IP address) may have max_reads_per_client reads in progress.
-    max_in_flight: int = 64
+    max_in_flight: int = field(default=64, metadata=cli_flag("reads in flight before UNAVAILABLE (64)"))
     max_uploads: int = 256
-    max_reads_per_client: int = 128
+    max_reads_per_client: int = field(
+        default=128,
+        metadata=cli_flag("reads one tenant (or, without tokens, one IP address) may have in progress (128)"),
+    )
     # Reads are admitted by their estimated peak memory against this budget (GB; 0: half the machine's or the
     # container's memory); one that does not fit waits up to its deadline or max_admission_wait_s (then UNAVAILABLE),
     # one larger than the whole budget gets RESOURCE_EXHAUSTED. Uploaded bytes count as they arrive.
-    memory_budget_gb: float = 0.0
+    memory_budget_gb: float = field(
+        default=0.0,
+        metadata=cli_flag(
+            "admit reads by their estimated peak memory within this budget (default: half the machine's memory)"
+        ),
+    )
     max_admission_wait_s: float = 120.0
     # The receive deadline (inference/api/upload.py ReceivePolicy): the first chunk within
     # upload_first_chunk_timeout_s, then at least upload_min_bytes_per_s on average after upload_rate_grace_s.
-    upload_first_chunk_timeout_s: float = 30.0
-    upload_min_bytes_per_s: float = 16 * 1024
+    upload_first_chunk_timeout_s: float = field(
+        default=30.0,
+        metadata=cli_flag(
+            "a Read whose first payload chunk has not arrived by then gets DEADLINE_EXCEEDED (default 30)"
+        ),
+    )
+    upload_min_bytes_per_s: float = field(
+        default=16 * 1024, metadata=cli_flag("slowest average upload accepted after the first 30 s (default 16384)")
+    )
     upload_rate_grace_s: float = 30.0
     # Streamed DICOM and NIfTI payloads are decoded in this many worker processes (0: in the I/O threads), killed
     # and replaced when a decode runs past decode_timeout_s (RESOURCE_EXHAUSTED) or its read is cancelled.
-    decode_workers: int = 2
-    decode_timeout_s: float = 120.0
+    decode_workers: int = field(
+        default=2,
+        metadata=cli_flag(
+            "processes decoding DICOM and NIfTI uploads, replaced when a decode hangs (2; 0: decode in threads)"
+        ),
+    )
+    decode_timeout_s: float = field(
+        default=120.0, metadata=cli_flag("a decode running longer is stopped (default 120)")
+    )
     # Health turns NOT_SERVING while every I/O thread (or every decode worker) has been on one job for longer than
     # this, and SERVING again once one is free: a probe takes a wedged server out of rotation.
     stall_timeout_s: float = 180.0
     # A work item that runs out of GPU memory even alone is run on a CPU copy of the network.
-    oom_cpu_fallback: bool = True
+    oom_cpu_fallback: bool = field(
+        default=True, metadata=cli_flag("run a work item that exhausts GPU memory on the CPU (default on)")
+    )
     # Prometheus metrics at http://HOST:metrics_port/metrics; 0 disables them.
-    metrics_port: int = 9464
+    metrics_port: int = field(default=9464, metadata=cli_flag("Prometheus metrics port (9464; 0: off)"))
     # A second, plaintext gRPC port serving only grpc.health.v1 (0: none; health is always on `port` too), for
     # Kubernetes' native gRPC probes, which cannot speak TLS. It carries no reads and no patient data.
-    health_port: int = 0
+    health_port: int = field(default=0, metadata=cli_flag("plaintext port with gRPC health only, for probes (0: none)"))
     # TLS (PEM files); tls_client_ca turns on mutual TLS. Without TLS the server speaks plaintext, which it
     # accepts on a loopback host only, unless ``insecure`` is set (e.g. behind a TLS-terminating proxy).
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_client_ca: str = ""
-    insecure: bool = False
+    tls_cert: str = field(default="", metadata=cli_flag("server certificate (PEM): serve TLS"))
+    tls_key: str = field(default="", metadata=cli_flag("server private key (PEM)"))
+    tls_client_ca: str = field(default="", metadata=cli_flag("CA of client certificates: mutual TLS"))
+    insecure: bool = field(
+        default=False,
+        metadata=cli_flag(
+            "allow plaintext gRPC on a non-loopback host (e.g. behind a TLS-terminating proxy)", action="store_true"
+        ),
+    )
     # YAML file of per-tenant bearer tokens (``tenant: token``); empty: no token authentication.
-    auth_tokens: str = ""
+    auth_tokens: str = field(default="", metadata=cli_flag("YAML file of tenant: token (bearer auth)"))
     # Zero-copy ingest (docs/decisions.md, "Zero-copy ingest"): folders under which a read's header may name files
     # for the server to read itself (resolved, symlinks included; empty = disabled), and whether it may name a POSIX
     # shared-memory segment. Environment: RADSERVE_INGEST_ROOTS=/a:/b (os.pathsep-separated),
@@ -155,19 +228,39 @@ class ServerConfig:
     ingest_shared_memory: bool = False
     # torch.compile every model's network (CUDA only; warmed up before health turns SERVING). model.yaml
     # `compile: true` asks for it per model; this turns it on for all.
-    compile: bool = False
+    compile: bool = field(
+        default=False,
+        metadata=cli_flag(
+            "torch.compile every model's network, warmed up before SERVING (CUDA only; default off, or per model: "
+            "compile: true in model.yaml)"
+        ),
+    )
     # Model management (README "Models"): seconds between polls of the model repository for new, changed or
     # removed versions (0 disables polling; `radserve models load` still works); whether the LoadModel and
     # UnloadModel RPCs are served (off: PERMISSION_DENIED); and which model reads a study whose request names
     # none, by modality (else the first loaded model, by name, that takes the modality). YAML: a mapping;
     # environment and CLI: "CT=lung_nodule_ct,MR=brain_lesion_mr"; entries override the defaults, and an
     # empty name ("MR=") drops a modality's preference.
-    model_poll_interval_s: float = 10.0
+    model_poll_interval_s: float = field(
+        default=10.0,
+        metadata=cli_flag(
+            "poll the model repository for new, changed and removed versions this often (default 10; 0: off)"
+        ),
+    )
     # LoadModel and UnloadModel: served to operators only (a tenant with role: operator in the tokens file; none
     # without one), for paths under model_roots (absolute, no `..`; empty: the repository `models` only).
     allow_model_management: bool = True
     model_roots: tuple[Path, ...] = ()
-    default_models: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_MODELS))
+    default_models: dict[str, str] = field(
+        default_factory=lambda: dict(DEFAULT_MODELS),
+        metadata=cli_flag(
+            "model for studies of MODALITY whose read names none (repeatable; defaults: CT=lung_nodule_ct, "
+            "MR=brain_lesion_mr, CR=chest_xray, DX=chest_xray)",
+            flag="--default-model",
+            action="append",
+            metavar="MODALITY=NAME",
+        ),
+    )
     # Shadow versions and the promotion guard (README "Shadow versions and promotion"; inference.serving.promotion):
     # `radserve models promote` refuses a version with fewer than promotion_min_shadow_reads shadow reads compared
     # (0: no shadow needed) or an agreement below promotion_min_agreement, or one that, on the labelled dataset

@@ -3,6 +3,8 @@
 The child gets a free port on the loopback interface; ``start`` returns once gRPC health says SERVING.
 Metrics are off unless ``metrics_port`` is given (several test servers run side by side); for a TLS server
 pass ``channel_credentials`` (``inference.client.channel_credentials``) so that the health check can connect.
+The memory a server process holds, its decode workers included (:func:`rss_mb`, :class:`RssMonitor`), is read
+from Linux's /proc, for the soak run's leak check.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -115,3 +118,64 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# -- its memory (Linux /proc) -----------------------------------------------------------------------------
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The start time (clock ticks since boot) of ``pid``; None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22, counted after the command name
+
+
+def _own_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(c) for c in task.read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def rss_mb(pid: int) -> float | None:
+    """VmRSS of ``pid`` and of its descendants (the decode workers), in MB; None when ``pid`` is gone."""
+    own = _own_rss_mb(pid)
+    if own is None:
+        return None
+    return own + sum(rss_mb(child) or 0.0 for child in _children(pid))
+
+
+class RssMonitor(threading.Thread):
+    """The peak :func:`rss_mb` of a process, sampled every ``interval_s`` until :meth:`stop`."""
+
+    def __init__(self, pid: int, interval_s: float = 0.5) -> None:
+        super().__init__(daemon=True, name="rss-monitor")
+        self.pid = pid
+        self.interval_s = interval_s
+        self.peak = 0.0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval_s):
+            value = rss_mb(self.pid)
+            if value is not None:
+                self.peak = max(self.peak, value)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()

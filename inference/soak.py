@@ -44,6 +44,7 @@ from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.api.security import is_loopback
 from inference.client import ReadingClient, channel_credentials
 from inference.errors import escape_text
+from inference.serverproc import RssMonitor, process_start_ticks, rss_mb
 
 logger = logging.getLogger(__name__)
 
@@ -349,65 +350,6 @@ def run_case(client: ReadingClient, case: Case) -> Outcome:
     return Outcome(case.kind, code, latency, problem)
 
 
-# -- the server process -----------------------------------------------------------------------------------
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """The start time (clock ticks since boot) of ``pid``; None when there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22, counted after the command name
-
-
-def _own_rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        return None
-    return None
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            found += [int(c) for c in task.read_text().split()]
-        except OSError:
-            continue
-    return found
-
-
-def rss_mb(pid: int) -> float | None:
-    """VmRSS of ``pid`` and of its descendants (the decode workers), in MB; None when ``pid`` is gone."""
-    own = _own_rss_mb(pid)
-    if own is None:
-        return None
-    return own + sum(rss_mb(child) or 0.0 for child in _children(pid))
-
-
-class _RssMonitor(threading.Thread):
-    def __init__(self, pid: int, interval_s: float = 0.5) -> None:
-        super().__init__(daemon=True, name="soak-rss")
-        self.pid = pid
-        self.interval_s = interval_s
-        self.peak = 0.0
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self.interval_s):
-            value = rss_mb(self.pid)
-            if value is not None:
-                self.peak = max(self.peak, value)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join()
-
-
 # -- the run ----------------------------------------------------------------------------------------------
 
 
@@ -434,7 +376,7 @@ def run_soak(config: SoakConfig, *, health: Callable[[], bool] | None = None) ->
     if pid is not None and start_ticks is None:
         violations.append(f"no process with pid {pid}")
         pid = None
-    monitor = _RssMonitor(pid) if pid is not None else None
+    monitor = RssMonitor(pid) if pid is not None else None
     if monitor is not None:
         monitor.start()
     baseline: list[float] = []

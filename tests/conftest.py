@@ -1,25 +1,100 @@
 """Shared test set-up: the `cuda` marker skips without a GPU; one real server per module that asks; model repositories
-holding one bundled model, for modules that start their own server."""
+holding one bundled model, for modules that start their own server.
+
+Test tiers: a test that starts a server (radserve in this process or a child, a benchmark run, Triton, an Orthanc
+archive) carries the `server` marker; `make test-unit` runs the others (``-m "not server and not slow"``). A test
+using a server fixture (named ``server``, ``*_server``, ``orthanc`` or ``triton``, directly or through another
+fixture) is marked at collection; any other is marked in its module. The guard below fails a test that starts a
+server without the marker, so the unit tier stays free of them.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+SERVER_FIXTURES = ("server", "orthanc", "triton")  # and any fixture named *_server
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if any(name in SERVER_FIXTURES or name.endswith("_server") for name in names):
+            item.add_marker(pytest.mark.server)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# -- the guard: a server started by a test without the `server` marker fails it --------------------------------------
+
+_running: list[pytest.Item] = []
+
+
+def starts_a_server(args: str | Sequence[object]) -> bool:
+    """Whether a child process with these arguments is (or starts) a server: `radserve serve`, `radserve triton serve`,
+    `radserve soak --spawn`, a benchmark run, the archive demo, Orthanc or Triton."""
+    words = [str(a) for a in ([args] if isinstance(args, str | os.PathLike) else args)]
+    names = {os.path.basename(w) for w in words}
+    radserve = "inference.cli" in words or "radserve" in names
+    return (
+        (radserve and ("serve" in words or "--spawn" in words))
+        or "benchmarks.run" in words
+        or any(w.endswith("demo_archive.py") for w in words)
+        or bool(names & {"Orthanc", "tritonserver"})
+    )
+
+
+def _check_marked(what: str) -> None:
+    if _running and "server" not in _running[-1].keywords:
+        pytest.fail(f"{_running[-1].nodeid} starts {what} without the `server` marker (tests/conftest.py)", False)
+
+
+_popen_init = subprocess.Popen.__init__
+
+
+def _guarded_popen_init(self: subprocess.Popen, args: object, *rest: object, **kwargs: object) -> None:
+    if starts_a_server(args):  # type: ignore[arg-type]
+        _check_marked(f"a server process ({' '.join(map(str, args))[:120]})")  # type: ignore[call-overload]
+    _popen_init(self, args, *rest, **kwargs)  # type: ignore[arg-type]
+
+
+subprocess.Popen.__init__ = _guarded_popen_init  # type: ignore[method-assign]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _in_process_server_guard() -> Iterator[None]:
+    """radserve's server started in this process counts too (RadserveServer.start)."""
+    from inference.api.server import RadserveServer
+
+    start = RadserveServer.start
+
+    async def guarded_start(self: RadserveServer) -> int:
+        _check_marked("radserve's server in this process")
+        return await start(self)
+
+    RadserveServer.start = guarded_start  # type: ignore[method-assign]
+    yield
+    RadserveServer.start = start  # type: ignore[method-assign]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    _running.append(item)
+    try:
+        yield
+    finally:
+        _running.pop()
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,8 @@ import contextlib
 import functools
 import hashlib
 import logging
-import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,31 +30,28 @@ from inference.api.admission import (
 from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.api.gen.radserve.v1 import reading_pb2_grpc as pb_grpc
 from inference.api.ingest import IngestPolicy
-from inference.api.interceptors import audit_logger, call_record_var, request_id_var
+from inference.api.interceptors import call_record_var, request_id_var
+from inference.api.routing import RoutingRPCs, model_info
 from inference.api.security import PermissionDeniedError, check_model_allowed, tenant_var
 from inference.config import PromotionPolicy
-from inference.engine.runner import without_voxels
 from inference.engine.scheduler import Priority
 from inference.errors import (
     DeadlineExceededError,
     InvalidInputError,
     LimitExceededError,
     OverloadedError,
-    PromotionRefusedError,
     ShuttingDownError,
     escape_text,
-    quote,
 )
 from inference.io.dicom import hash_uid
 from inference.io.limits import InputLimits
 from inference.io.volume import Volume
 from inference.io.workers import DecodeJob, DecodeWorkers
 from inference.outputs.algorithm import Algorithm
-from inference.outputs.derived import DerivedObjects, build_derived
+from inference.outputs.derived import DerivedObjects, build_derived, source_headers
 from inference.outputs.finding import Finding
-from inference.serving import promotion
-from inference.serving.registry import ModelListing, ModelRegistry, VersionState
-from inference.serving.shadow import ShadowManager, ShadowTarget
+from inference.serving.registry import ModelRegistry
+from inference.serving.shadow import ShadowManager
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +103,7 @@ class ReadOutcome:
     derived: DerivedObjects
 
 
-class ReadingServicer(pb_grpc.ReadingServiceServicer):
+class ReadingServicer(RoutingRPCs, pb_grpc.ReadingServiceServicer):
     """``max_message_bytes``: the server's gRPC message limit, which a Read response must fit; ``output_chunk_bytes``:
     the largest DICOM chunk ReadStreamed sends."""
 
@@ -227,8 +223,10 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         volume = await self._decode(upload, deadline_s)
         decode_ms = (time.perf_counter() - decode_start) * 1e3
         n_files = len(upload.files)
-        if pb.DICOM_SEG not in wanted:
-            upload.files.clear()  # decoded: free the received bytes while the model runs
+        source_datasets: list = []
+        if pb.DICOM_SEG in wanted and volume.source is not None:  # the SEG references the instances it was read from
+            source_datasets = await loop.run_in_executor(self._io_executor, source_headers, volume, upload.files)
+        upload.files.clear()  # decoded (and the SEG's headers parsed): free the received bytes while the model runs
         runner = await held.enter_async_context(
             self._registry.lease(header.model or None, header.model_version or None, volume.modality)
         )
@@ -253,8 +251,9 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         priority = Priority.STAT if header.priority == pb.STAT else Priority.ROUTINE
         read = runner.read(volume, request_id=upload.request_id, priority=priority, deadline_s=deadline_s)
         shadow = self.shadow.sample(runner.config.name, runner.config.version)
-        shadow_volume = volume if shadow is not None else None  # its voxels, kept for the shadow version's read
-        volume = without_voxels(volume)  # the runner lets go of the voxels once the study is prepared
+        # A shadowed read's voxels are kept for the shadow version (reserved in the memory budget when it is queued).
+        shadow_volume = volume if shadow is not None else None
+        del volume  # the runner holds the study until it is prepared, then only its geometry (result.volume)
         result = await read
         if shadow is not None:  # after the live answer, never before it
             peak_bytes = estimate_peak_bytes(shadow_volume, runner.config)
@@ -268,14 +267,14 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
                 self._io_executor,
                 functools.partial(
                     build_derived,
-                    volume,
+                    result.volume,
                     result.findings,
                     result.masks,
                     algorithm=Algorithm(runner.config.name, runner.config.version, runner.weights_sha256),
                     want_sr=pb.DICOM_SR in wanted,
                     want_seg=pb.DICOM_SEG in wanted,
                     want_fhir=pb.FHIR in wanted,
-                    source_files=[bytes(f) for f in upload.files] if pb.DICOM_SEG in wanted else (),
+                    source_datasets=source_datasets,
                 ),
             )
             timing["encode"] = (time.perf_counter() - encode_start) * 1e3
@@ -304,26 +303,9 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         if workers is None or uploads.is_referenced(header) or upload.payload not in (pb.DICOM_FILES, pb.NIFTI):
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._io_executor, uploads.decode, upload, self._limits, self._ingest)
-        if upload.payload == pb.DICOM_FILES:
-            job = DecodeJob(
-                "inference.io.dicom:read_dicom_series",
-                {"series_instance_uid": header.series_instance_uid or None, "limits": self._limits},
-                request_id=upload.request_id,
-            )
-        else:
-            if (header.modality or "CT") not in uploads.MODALITIES:
-                raise InvalidInputError(
-                    f"header.modality must be one of {uploads.MODALITIES}, got {quote(header.modality, 32)}"
-                )
-            if len(upload.files) != 1:
-                raise InvalidInputError(f"a NIFTI payload is one file, got {len(upload.files)}")
-            job = DecodeJob(
-                "inference.io.nifti:read_nifti",
-                {"modality": header.modality or "CT", "limits": self._limits},
-                single_payload=True,
-                request_id=upload.request_id,
-            )
-        return await workers.run(job, upload.files, deadline_s)
+        reader = uploads.reader_for(header, upload.payload, self._limits)
+        uploads.check_file_count(reader, upload.payload, upload.files)
+        return await workers.run(DecodeJob(reader, request_id=upload.request_id), upload.files, deadline_s)
 
     async def Read(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[pb.ReadRequest], context: grpc.aio.ServicerContext
@@ -437,158 +419,3 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         removed = await self._registry.unload(request.model, request.model_version or None)
         self.shadow.forget(request.model, request.model_version or None)
         return pb.UnloadModelResponse(unloaded=removed)
-
-    def _model_infos(self, names: set[str]) -> list[pb.ModelInfo]:
-        rows = [r for r in self._registry.list_models() if r.name in names]
-        return [model_info(r, with_paths=True, shadow=self.shadow.target) for r in rows]
-
-    async def ShadowModel(  # noqa: N802 - gRPC method name
-        self, request: pb.ShadowModelRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ShadowModelResponse:
-        self._check_management("ShadowModel")
-        if not request.model or not request.model_version:
-            raise InvalidInputError("ShadowModelRequest needs model and model_version (NAME:VERSION)")
-        self.shadow.mark(request.model, request.model_version, request.fraction)
-        _audit_model_event("shadow", request.model, request.model_version, fraction=request.fraction)
-        return pb.ShadowModelResponse(models=self._model_infos({request.model}))
-
-    async def PromoteModel(  # noqa: N802 - gRPC method name
-        self, request: pb.PromoteModelRequest, context: grpc.aio.ServicerContext
-    ) -> pb.PromoteModelResponse:
-        self._check_management("PromoteModel")
-        name, version = request.model, request.model_version
-        if not name or not version:
-            raise InvalidInputError("PromoteModelRequest needs model and model_version (NAME:VERSION)")
-        key = f"{name}:{version}"
-        self._registry.check_ready(name, version)
-        live = self._registry.default_version(name)
-        if live == version:
-            raise InvalidInputError(f"model {key} already has default routing")
-        reasons = await self._promotion_reasons(name, version, live)
-        if reasons and not request.force:
-            _audit_model_event("promote", name, version, outcome="refused", reasons=reasons)
-            raise PromotionRefusedError(f"promotion of {key} refused: " + "; ".join(reasons))
-        previous = self._registry.promote(name, version)
-        self.shadow.forget(name, version)
-        _audit_model_event(
-            "promote", name, version, outcome="forced" if reasons else "promoted", previous=previous, reasons=reasons
-        )
-        return pb.PromoteModelResponse(
-            previous_version=previous or "", overridden=reasons, models=self._model_infos({name})
-        )
-
-    async def _promotion_reasons(self, name: str, version: str, live: str | None) -> list[str]:
-        """The guard (inference.serving.promotion): shadow agreement, then the evaluation dataset, if configured."""
-        policy = self.promotion_policy
-        target = self.shadow.target(name, version)
-        reasons = promotion.shadow_reasons(target.agreement if target else None, policy, f"{name}:{version}")
-        dataset = policy.eval_datasets.get(name)
-        if dataset is not None and live is not None:
-            live_score, candidate_score = await self._evaluate(name, (live, version), Path(dataset))
-            logger.info(
-                "promotion of %s:%s: evaluation on %s: %s against %s:%s %s",
-                name,
-                version,
-                dataset,
-                candidate_score.as_dict(),
-                name,
-                live,
-                live_score.as_dict(),
-            )
-            reasons += promotion.eval_reasons(live_score, candidate_score, policy, str(dataset))
-        return reasons
-
-    async def _evaluate(self, name: str, versions: tuple[str, str], dataset: Path) -> tuple:
-        """Both versions on the evaluation dataset, read below live work (the shadow's way)."""
-
-        async def read(version: str, volume: Volume) -> list[Finding]:
-            async with self._registry.lease(name, version, volume.modality) as runner:
-                result = await runner.read_in_background(
-                    volume,
-                    request_id=f"promotion-eval-{name}-{version}",
-                    executor=self.shadow.executor,
-                    wait_turn=self.shadow.wait_turn,
-                )
-            return result.findings
-
-        async def load(path: Path, limits: InputLimits) -> tuple:
-            try:
-                return await asyncio.to_thread(promotion.load_volumes, path, limits)
-            except (OSError, ValueError) as exc:
-                raise PromotionRefusedError(
-                    f"the evaluation dataset configured for model {name!r} cannot be read: {exc}"
-                ) from exc
-
-        return await promotion.evaluate_versions(dataset, self._limits, read, versions, load)
-
-    async def RollbackModel(  # noqa: N802 - gRPC method name
-        self, request: pb.RollbackModelRequest, context: grpc.aio.ServicerContext
-    ) -> pb.RollbackModelResponse:
-        self._check_management("RollbackModel")
-        if not request.model:
-            raise InvalidInputError("RollbackModelRequest.model is empty")
-        rolled_back, serving = self._registry.rollback(request.model)
-        _audit_model_event("rollback", request.model, rolled_back, serving=serving)
-        return pb.RollbackModelResponse(
-            rolled_back_version=rolled_back, serving_version=serving, models=self._model_infos({request.model})
-        )
-
-
-def _audit_model_event(event: str, name: str, version: str, **fields: object) -> None:
-    """One audit record per model-management decision (shadow, promote, rollback), with the operator tenant."""
-    tenant = tenant_var.get()
-    record = {"event": event, "model": name, "model_version": version, "tenant": tenant.name if tenant else "-"}
-    record.update({k: v for k, v in fields.items() if v not in (None, [], "")})
-    audit_logger.info(
-        "%s %s:%s tenant=%s %s",
-        event,
-        escape_text(name, 64),
-        escape_text(version, 64),
-        record["tenant"],
-        " ".join(f"{k}={escape_text(v, 500)}" for k, v in record.items() if k not in ("event", "model", "tenant")),
-        extra={"audit": record},
-    )
-
-
-# An absolute path in a reason (a load error quoting a file), for readers who may not see server paths.
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/[^\s'\",:;)]+")
-
-
-def version_to_proto(
-    state: VersionState, *, with_paths: bool = True, shadow: ShadowTarget | None = None
-) -> pb.ModelVersion:
-    """``with_paths``: the source directory, and reasons as they are (operators); else neither path. ``shadow``: the
-    version's shadow marking, when it is its model's shadow (its agreement goes with it)."""
-    message = pb.ModelVersion(
-        version=state.version,
-        state=state.state,
-        state_code=pb.VersionState.Value(f"VERSION_STATE_{state.state}"),
-        reason=state.reason if with_paths else _ABSOLUTE_PATH.sub("<path>", state.reason),
-        source=state.source if with_paths else "",
-        weights_sha256=state.weights_sha256,
-        promotion=state.promotion,
-    )
-    if shadow is not None and state.state == "READY":
-        message.shadow.CopyFrom(pb.ShadowAgreement(fraction=shadow.fraction, **shadow.agreement.as_dict()))
-    return message
-
-
-def model_info(
-    row: ModelListing,
-    *,
-    with_paths: bool = True,
-    shadow: Callable[[str, str], ShadowTarget | None] | None = None,
-) -> pb.ModelInfo:
-    config = row.config
-    return pb.ModelInfo(
-        name=row.name,
-        task=config.task if config is not None else "",
-        modalities=config.modalities if config is not None else (),
-        labels=config.labels if config is not None else (),
-        versions=[
-            version_to_proto(v, with_paths=with_paths, shadow=shadow(row.name, v.version) if shadow else None)
-            for v in row.versions
-        ],
-        device=row.device,
-        default_version=row.default_version,
-    )

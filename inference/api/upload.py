@@ -15,10 +15,11 @@ from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.api.ingest import IngestPolicy, is_referenced, referenced_payload
 from inference.api.interceptors import request_id_var
 from inference.errors import DeadlineExceededError, InvalidInputError, LimitExceededError, quote
-from inference.io.dicom import read_dicom_series
+from inference.io.base import VolumeReader
+from inference.io.dicom import DicomSeriesReader
 from inference.io.limits import InputLimits
-from inference.io.nifti import read_nifti
-from inference.io.raw import read_raw
+from inference.io.nifti import NiftiReader
+from inference.io.raw import RawReader
 from inference.io.volume import Volume
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -195,40 +196,55 @@ def decode(upload: Upload, limits: InputLimits, ingest: IngestPolicy | None = No
     small), so that ``upload.files`` can still feed a DICOM SEG; RAW and NIfTI bytearrays are read without a copy.
     """
     header = upload.header
-    if upload.payload != pb.DICOM_FILES and (header.modality or "CT") not in MODALITIES:
-        raise InvalidInputError(f"header.modality must be one of {MODALITIES}, got {quote(header.modality, 32)}")
+    reader = reader_for(header, upload.payload, limits)
     if is_referenced(header):
         with referenced_payload(header, upload.payload, ingest or IngestPolicy(), limits) as referenced:
             upload.total_bytes = referenced.total_bytes
-            return read_payload(header, upload.payload, referenced.files, limits)
+            return read_with(reader, upload.payload, referenced.files)
     if upload.payload == pb.DICOM_FILES:
         for i, f in enumerate(upload.files):
             upload.files[i] = bytes(f)
-    return read_payload(header, upload.payload, upload.files, limits)
+    return read_with(reader, upload.payload, upload.files)
 
 
-def read_payload(header: pb.ReadHeader, payload: int, files: list, limits: InputLimits) -> Volume:
-    """The readers, by payload kind; ``files`` are bytes (DICOM) or any buffer (NIfTI, RAW)."""
-    modality = header.modality or "CT"
+def reader_for(header: pb.ReadHeader, payload: int, limits: InputLimits) -> VolumeReader:
+    """The :class:`VolumeReader` of a Read's payload kind, with the header's settings (series, modality, raw array's
+    description). InvalidInputError for an unknown payload kind or, for NIfTI and raw arrays, a modality radserve's
+    models do not read (DICOM files state their own)."""
     if payload == pb.DICOM_FILES:
-        return read_dicom_series(files, series_instance_uid=header.series_instance_uid or None, limits=limits)
+        return DicomSeriesReader(series_instance_uid=header.series_instance_uid or None, limits=limits)
     if payload not in (pb.NIFTI, pb.RAW):
         raise InvalidInputError(
             f"header.payload {int(payload)} is not a known PayloadKind ({', '.join(pb.PayloadKind.keys()[1:])})"
         )
-    if len(files) != 1:
-        raise InvalidInputError(f"a {pb.PayloadKind.Name(payload)} payload is one file, got {len(files)}")
+    modality = header.modality or "CT"
+    if modality not in MODALITIES:
+        raise InvalidInputError(f"header.modality must be one of {MODALITIES}, got {quote(header.modality, 32)}")
     if payload == pb.NIFTI:
-        return read_nifti(files[0], modality=modality, limits=limits)
-    if payload == pb.RAW:
-        raw = header.raw
-        return read_raw(
-            files[0],
-            dtype=raw.dtype,
-            shape=tuple(raw.shape),
-            affine=tuple(raw.affine) or None,
-            spacing_mm=tuple(raw.spacing_mm) or None,
-            modality=modality,
-            limits=limits,
-        )
-    raise AssertionError(f"unreachable: payload kind {payload}")
+        return NiftiReader(modality=modality, limits=limits)
+    raw = header.raw
+    return RawReader(
+        dtype=raw.dtype,
+        shape=tuple(raw.shape),
+        affine=tuple(raw.affine) or None,
+        spacing_mm=tuple(raw.spacing_mm) or None,
+        modality=modality,
+        limits=limits,
+    )
+
+
+def check_file_count(reader: VolumeReader, payload: int, files: list) -> None:
+    """A reader of one payload (NIfTI, RAW) gets exactly one file (InvalidInputError otherwise)."""
+    if reader.single_payload and len(files) != 1:
+        raise InvalidInputError(f"a {pb.PayloadKind.Name(payload)} payload is one file, got {len(files)}")
+
+
+def read_with(reader: VolumeReader, payload: int, files: list) -> Volume:
+    """``reader`` on the payload's files: the list (DICOM), or its one file (NIfTI, RAW)."""
+    check_file_count(reader, payload, files)
+    return reader.read(files[0] if reader.single_payload else files)
+
+
+def read_payload(header: pb.ReadHeader, payload: int, files: list, limits: InputLimits) -> Volume:
+    """The payload's reader (:func:`reader_for`) on ``files``: bytes (DICOM) or any buffer (NIfTI, RAW)."""
+    return read_with(reader_for(header, payload, limits), payload, files)

@@ -1,7 +1,7 @@
 """``radserve bridge``: run the bridge, ``bridge status``: the journal by state, ``bridge retry``: requeue a study.
 
-Kept apart from ``inference/cli.py`` so that the thin install (``radserve[client]``) runs it without the server's
-modules; ``inference/cli.py`` only registers the parser and calls :func:`main`.
+Kept apart from ``inference/cli/`` so that the thin install (``radserve[client]``) runs it without the server's
+modules; ``inference/cli/tools.py`` only registers the parser and calls :func:`main`.
 """
 
 from __future__ import annotations

@@ -46,57 +46,14 @@ from inference.bridge.archive import (
     text_values,
 )
 from inference.bridge.config import BridgeConfig
+from inference.bridge.failures import BridgeError, classify, printable
 from inference.bridge.journal import ROUTINE, STAT, TERMINAL, Journal, OutputRow, State, StudyRow, hash_uid
 from inference.bridge.metrics import BridgeMetrics, audit
+from inference.bridge.outputs import OUTPUT_KINDS, fsync_write, output_uids
 from inference.bridge.selection import SeriesChoice, candidates, choose_series, series_exclusion
-from inference.client import OutputIntegrityError, ReadingClient
+from inference.client import ReadingClient
 
 logger = logging.getLogger(__name__)
-
-# gRPC statuses worth another attempt later; any other fails the study (README "Errors").
-RETRIABLE_GRPC = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.UNKNOWN,  # a connection torn down mid-answer
-    }
-)
-MESSAGE_MAX_CHARS = 500
-OUTPUT_KINDS = {"dicom_sr": "SR", "dicom_seg": "SEG"}
-
-
-class BridgeError(RuntimeError):
-    """A failure of one study: ``status`` (a gRPC status name, ``HTTP 503``, ...), whether a retry may help."""
-
-    def __init__(self, status: str, message: str, *, retriable: bool) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.retriable = retriable
-
-
-def printable(text: str, limit: int = MESSAGE_MAX_CHARS) -> str:
-    """A message from elsewhere (the server), made safe to print and store: control characters escaped, bounded."""
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def classify(exc: BaseException) -> BridgeError:
-    """Any failure of a study as a :class:`BridgeError` (status, message, retriable)."""
-    if isinstance(exc, BridgeError):
-        return exc
-    if isinstance(exc, ArchiveError):
-        return BridgeError(exc.status, exc.message, retriable=exc.retriable)
-    if isinstance(exc, OutputIntegrityError):
-        return BridgeError(exc.code, f"radserve's answer was incomplete: {printable(str(exc))}", retriable=True)
-    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
-        code = exc.code()
-        return BridgeError(code.name, printable(exc.details() or ""), retriable=code in RETRIABLE_GRPC)
-    # A bug of the bridge or a library: no traceback in status, one in the log.
-    logger.exception("unexpected failure")
-    return BridgeError("INTERNAL", f"the bridge failed ({type(exc).__name__}); see its log", retriable=False)
 
 
 @dataclass
@@ -111,36 +68,6 @@ class ReadResult:
 
 def _priority_name(priority: int) -> str:
     return "STAT" if priority == STAT else "ROUTINE"
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    """Write ``path`` so that after a crash it is either absent or whole: temporary file, fsync, rename, fsync dir."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _output_uids(data: bytes) -> tuple[str, str, str]:
-    """(StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID) of a DICOM Part 10 object."""
-    import io
-
-    from pydicom import dcmread
-
-    ds = dcmread(
-        io.BytesIO(data),
-        stop_before_pixels=True,
-        specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"],
-    )
-    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
 
 
 class Bridge:
@@ -500,13 +427,13 @@ class Bridge:
             data = getattr(answer, field_name)
             if not data:
                 continue
-            study_uid, series_uid, sop_uid = _output_uids(data)
+            study_uid, series_uid, sop_uid = output_uids(data)
             if study_uid != row.study_uid:
                 raise BridgeError(
                     "INVALID_OUTPUT", f"radserve's {kind} names another study than the one read", retriable=False
                 )
             path = self.config.outputs_dir / row.study_hash / f"{kind.lower()}-{hash_uid(sop_uid)}.dcm"
-            _fsync_write(path, data)
+            fsync_write(path, data)
             kept.append(OutputRow(row.study_uid, sop_uid, series_uid, kind, str(path), 0))
         return kept
 

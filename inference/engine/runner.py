@@ -43,10 +43,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ReadResult:
+    """A read's outcome: the task's findings and masks together, the study's geometry, timings and warnings."""
+
     findings: list[Finding]
     timing_ms: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     masks: list[FindingMask] | None = None  # masks[n]: the voxels of findings[n] (segmentation); None: boxes only
+    # The study without its voxels (:func:`without_voxels`): what the SR, SEG and FHIR outputs need of it.
+    volume: Volume | None = None
 
 
 def without_voxels(volume: Volume) -> Volume:
@@ -179,6 +183,8 @@ class ModelRunner:
         priority: Priority = Priority.ROUTINE,
         deadline_s: float | None = None,
     ) -> ReadResult:
+        """Prepare, batch and finalize one study. The runner is the one place that lets go of its voxels: once it
+        is prepared, only its geometry is kept (``ReadResult.volume``); a caller should not hold the study meanwhile."""
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         prepared = await loop.run_in_executor(self._io_executor, self._prepare, volume)
@@ -191,7 +197,7 @@ class ModelRunner:
         output = await loop.run_in_executor(self._io_executor, self.task.finalize, volume, prepared, results)
         timing["postprocess"] = (time.perf_counter() - start) * 1e3
         logger.debug("request %s: %d items, %d findings", request_id, len(prepared.items), len(output.findings))
-        return ReadResult(output.findings, timing, list(volume.warnings), output.masks)
+        return ReadResult(output.findings, timing, list(volume.warnings), output.masks, volume)
 
     async def read_in_background(
         self,
@@ -200,11 +206,13 @@ class ModelRunner:
         request_id: str,
         executor: Executor,
         wait_turn: Callable[[], Awaitable[None]],
+        items_per_turn: int = 1,
     ) -> ReadResult:
         """A read below all live work (a shadow version's copy of a live read, inference.serving.shadow): prepare and
         finalize run in ``executor`` (not the I/O threads live reads use), and the work items go to the batcher at
-        :attr:`Priority.SHADOW`, one batch at a time, each only after ``await wait_turn()`` (no live read computing).
-        A live read arriving meanwhile waits for at most one batch already under way."""
+        :attr:`Priority.SHADOW`, ``items_per_turn`` at a time, each only after ``await wait_turn()`` (no live read
+        computing). A live read arriving meanwhile waits for at most that many items' forward pass, already under way.
+        The caller holds ``volume`` (its voxels) until this returns."""
         loop = asyncio.get_running_loop()
         await wait_turn()
         start = time.perf_counter()
@@ -212,13 +220,12 @@ class ModelRunner:
         volume = without_voxels(volume)
         timing = {"preprocess": (time.perf_counter() - start) * 1e3}
         start = time.perf_counter()
-        step = self.config.batching.max_batch_size
         results: list[Any] = []
-        for first in range(0, len(prepared.items), step):
+        for first in range(0, len(prepared.items), items_per_turn):
             await wait_turn()
-            chunk = prepared.items[first : first + step]
+            chunk = prepared.items[first : first + items_per_turn]
             results += await self.batcher.submit(request_id, chunk, priority=Priority.SHADOW)
         timing["infer"] = (time.perf_counter() - start) * 1e3
         await wait_turn()
         output = await loop.run_in_executor(executor, self.task.finalize, volume, prepared, results)
-        return ReadResult(output.findings, timing, list(volume.warnings), output.masks)
+        return ReadResult(output.findings, timing, list(volume.warnings), output.masks, volume)

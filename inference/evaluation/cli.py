@@ -1,7 +1,7 @@
 """`radserve eval DATASET --server HOST:PORT --model NAME[:VERSION] [--compare NAME:VERSION] [--out DIR]`.
 
-The command's flags are declared in inference/cli.py, so that building the `radserve` parser imports nothing of this
-package; this module runs the command.
+The command's flags are declared in inference/cli/tools.py, so that building the `radserve` parser imports nothing
+of this package; this module runs the command.
 """
 
 from __future__ import annotations

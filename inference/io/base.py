@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import ClassVar, Generic, TypeVar
 
 from inference.errors import InvalidInputError, quote
 from inference.io.volume import Volume
@@ -22,7 +22,12 @@ class VolumeReader(ABC, Generic[PayloadT]):
     :class:`~inference.errors.UnsupportedError` for valid input radserve cannot handle and
     :class:`~inference.errors.LimitExceededError` when a configured limit would be exceeded, always before
     decoding or allocating what the limit guards. It never returns a partially filled volume.
+
+    ``single_payload``: ``read`` takes one payload (a NIfTI file, a raw array), not a list of them (DICOM files).
+    Readers are frozen dataclasses of their settings, so that a decode worker process can be sent one.
     """
+
+    single_payload: ClassVar[bool] = True
 
     @abstractmethod
     def read(self, payload: PayloadT) -> Volume:

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from inference.errors import DeadlineExceededError, InvalidInputError, LimitExceededError, RadserveError, escape_text
+from inference.io.base import VolumeReader
 from inference.io.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -51,10 +52,10 @@ _KILL_WAIT_S = 5.0
 
 @dataclass(frozen=True)
 class DecodeJob:
-    """What a worker runs: ``reader`` (a ``module:function`` taking the payloads as its first argument) and its
-    keyword arguments. Payloads travel separately, as raw bytes."""
+    """What a worker runs: ``reader``, a :class:`VolumeReader` (what the server sends), or a ``module:function``
+    taking the payloads as its first argument, with its keyword arguments. Payloads travel separately, as raw bytes."""
 
-    reader: str
+    reader: VolumeReader | str
     kwargs: dict[str, Any] = field(default_factory=dict)
     single_payload: bool = False  # the reader takes one payload (NIfTI), not a list of them (DICOM files)
     request_id: str = "-"  # for the worker's log lines
@@ -106,9 +107,7 @@ def _worker_main(conn: Any, log_level: str = "INFO", log_format: str = "text") -
             return
         _request_id = job.request_id
         try:
-            module, _, name = job.reader.partition(":")
-            reader = getattr(importlib.import_module(module), name)
-            volume = reader(payloads[0] if job.single_payload else payloads, **job.kwargs)
+            volume = _run_reader(job, payloads)
             payloads = None
             voxels = np.ascontiguousarray(volume.voxels, dtype=np.float32)
             meta = (voxels.shape, volume.affine, volume.modality, volume.source, volume.warnings)
@@ -122,6 +121,14 @@ def _worker_main(conn: Any, log_level: str = "INFO", log_format: str = "text") -
             conn.send(("bug", (type(exc).__qualname__, _stack_without_messages(exc))))
         finally:
             payloads = volume = voxels = None  # free the study before waiting for the next job
+
+
+def _run_reader(job: DecodeJob, payloads: list[bytes]) -> Volume:
+    if isinstance(job.reader, VolumeReader):
+        return job.reader.read(payloads[0] if job.reader.single_payload else payloads)
+    module, _, name = job.reader.partition(":")
+    reader = getattr(importlib.import_module(module), name)
+    return reader(payloads[0] if job.single_payload else payloads, **job.kwargs)
 
 
 def _stack_without_messages(exc: BaseException) -> str:

@@ -1,5 +1,8 @@
 """MONAI bundles (model-zoo layout) as radserve models.
 
+Over 500 lines: this docstring is the mapping table that README "MONAI bundles" sends users to (about 60 lines);
+the code is one function per row of it.
+
 A bundle directory holds ``configs/metadata.json``, ``configs/inference.json`` (or ``.yaml``) and
 ``models/model.pt`` (a state dict) or ``models/model.ts`` (TorchScript). :func:`load_bundle` maps it onto a
 :class:`~inference.modelrepo.schema.ModelConfig`, the same schema a ``model.yaml`` fills:

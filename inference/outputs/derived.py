@@ -58,10 +58,11 @@ def build_derived(
     want_sr: bool,
     want_seg: bool,
     want_fhir: bool = False,
-    source_files: Sequence[bytes] = (),
+    source_datasets: Sequence[Dataset] = (),
 ) -> DerivedObjects:
     """Build and encode the SEG, SR and FHIR Bundle a read asked for; ``masks`` are the model's (None: the boxes are
     rendered). The FHIR Bundle refers to the SR by its UID, and to the SEG when this read made one.
+    ``source_datasets``: the headers of the instances ``volume`` was read from (:func:`source_headers`), for a SEG.
 
     Their UIDs derive from the source and the model (``inference.outputs.uids``): the same read gives the same UIDs.
     A SEG without findings is not built (a warning says so); a SEG of a NIfTI or raw volume is UnsupportedError.
@@ -83,7 +84,7 @@ def build_derived(
                 findings,
                 regions,
                 algorithm=algorithm,
-                source_datasets=source_headers(volume, source_files),
+                source_datasets=source_datasets,
                 rendered=rendered,
             )
             out.seg = encode_dataset(segmentation)

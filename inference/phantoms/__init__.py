@@ -15,9 +15,8 @@ from inference.phantoms.chest_xray import (
     make_chest_xray,
     render_chest_xray,
     sample_chest_xray_params,
-    write_xray_dicom,
 )
-from inference.phantoms.writers import write_dicom_multiframe, write_dicom_series, write_nifti
+from inference.phantoms.writers import write_dicom_multiframe, write_dicom_series, write_nifti, write_xray_dicom
 
 __all__ = [
     "BrainMRParams",

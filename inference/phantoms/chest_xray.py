@@ -14,8 +14,8 @@ facing the patient: the patient's left (the heart) is on the right of the image,
 
 Photometric convention: ``Phantom.volume.voxels`` always holds values in the MONOCHROME2 sense (higher =
 more attenuation = brighter), i.e. what a DICOM reader returns once it has inverted a MONOCHROME1 image.
-``ChestXrayPhantom.photometric`` says how :func:`write_xray_dicom` stores them: a MONOCHROME1 file holds
-``2**bits_stored - 1 - value`` (high = dark). The Volume is (X = columns, Y = rows, 1) with an
+``ChestXrayPhantom.photometric`` says how :func:`~inference.phantoms.writers.write_xray_dicom` stores them: a
+MONOCHROME1 file holds ``2**bits_stored - 1 - value`` (high = dark). The Volume is (X = columns, Y = rows, 1) with an
 identity-direction affine: column spacing on axis 0, row spacing on axis 1, origin 0, so
 ``Volume.voxel_to_lps`` of a pixel index gives its image-plane mm directly.
 
@@ -30,32 +30,22 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import (
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    ExplicitVRLittleEndian,
-    generate_uid,
-)
 
 from inference.io.volume import Volume
 from inference.phantoms.base import Phantom, PlantedLesion
 from inference.phantoms.geometry import spacing_pair
 from inference.phantoms.lesions import LesionNames, place_by_rejection, requested_diameters
-from inference.phantoms.writers import (
-    _check_transfer_syntax,
-    _ds,
-    _file_meta,
-    _item,
-    _percentile_window,
-    _set_image_pixel_module,
-    _set_pixels,
-    _study_header,
+from inference.phantoms.xray_drawing import (
+    add_opacity,
+    clavicle_segments,
+    draw_bar,
+    draw_ribs,
+    grid_block,
+    smoothstep,
+    texture,
 )
 
 logger = logging.getLogger(__name__)
@@ -119,7 +109,7 @@ class Ellipse:
     def weight(self, x: np.ndarray, y: np.ndarray, edge_mm: float) -> np.ndarray:
         """Smooth indicator: 1 well inside, 0 well outside, a smoothstep about ``edge_mm`` wide across the outline."""
         depth_mm = (1.0 - self.normalized_radius(x, y)) * math.sqrt(self.semi_axes_mm[0] * self.semi_axes_mm[1])
-        return _smoothstep(0.5 + depth_mm / edge_mm)
+        return smoothstep(0.5 + depth_mm / edge_mm)
 
 
 @dataclass(frozen=True)
@@ -355,16 +345,16 @@ def render_chest_xray(params: ChestXrayParams, grid: PixelGrid | None = None) ->
     # Whole-image terms are separable or cheap; the rest is computed in the bounding box it lives in.
     body = params.body.weight(x, y, edge)
     lateral = np.abs(x - params.midline_mm)  # (1, columns)
-    mediastinum = _smoothstep(0.5 + (params.mediastinum_half_width_mm - lateral) / edge) * _smoothstep(
+    mediastinum = smoothstep(0.5 + (params.mediastinum_half_width_mm - lateral) / edge) * smoothstep(
         0.5 + (params.mediastinum_bottom_mm - y) / (4 * edge)
     )
-    spine = _smoothstep(0.5 + (params.spine_half_width_mm - lateral) / edge)
+    spine = smoothstep(0.5 + (params.spine_half_width_mm - lateral) / edge)
     attenuation = (params.tissue_attenuation + params.spine_attenuation * spine) * body
     attenuation += params.mediastinum_attenuation * mediastinum
 
     lo = np.min([np.subtract(lung.center_mm, lung.semi_axes_mm) for lung in params.lungs], axis=0) - 2 * edge
     hi = np.max([np.add(lung.center_mm, lung.semi_axes_mm) for lung in params.lungs], axis=0) + 2 * edge
-    thorax_box = _block(grid, lo, hi)
+    thorax_box = grid_block(grid, lo, hi)
     if thorax_box is not None:
         rows, cols = thorax_box
         xb, yb, lateral_b = x[:, cols], y[rows], lateral[:, cols]
@@ -375,11 +365,11 @@ def render_chest_xray(params: ChestXrayParams, grid: PixelGrid | None = None) ->
         view = attenuation[rows, cols]
         view -= params.lung_drop * lungs
         for ribs in (params.posterior_ribs, params.anterior_ribs):
-            view += ribs.attenuation * _ribs(ribs, lateral_b, yb, edge) * thorax
-        view += params.texture_amplitude * _texture(params, grid, thorax_box, width, height) * lungs
+            view += ribs.attenuation * draw_ribs(ribs, lateral_b, yb, edge) * thorax
+        view += params.texture_amplitude * texture(params, grid, thorax_box, width, height) * lungs
 
     heart = params.heart
-    heart_box = _block(
+    heart_box = grid_block(
         grid,
         np.subtract(heart.center_mm, heart.semi_axes_mm) - 2 * edge,
         np.add(heart.center_mm, heart.semi_axes_mm) + 2 * edge,
@@ -388,17 +378,17 @@ def render_chest_xray(params: ChestXrayParams, grid: PixelGrid | None = None) ->
         rows, cols = heart_box
         attenuation[rows, cols] += params.heart_attenuation * heart.weight(x[:, cols], y[rows], edge)
 
-    for a, b in _clavicle_segments(params):
+    for a, b in clavicle_segments(params):
         reach = params.clavicle_half_thickness_mm + edge
-        box = _block(grid, np.minimum(a, b) - reach, np.maximum(a, b) + reach)
+        box = grid_block(grid, np.minimum(a, b) - reach, np.maximum(a, b) + reach)
         if box is not None:
             rows, cols = box
-            attenuation[rows, cols] += CLAVICLE_ATTENUATION * _bar(
+            attenuation[rows, cols] += CLAVICLE_ATTENUATION * draw_bar(
                 a, b, x[:, cols], y[rows], params.clavicle_half_thickness_mm, edge
             )
 
     for opacity in params.opacities:
-        _add_opacity(attenuation, opacity, grid)
+        add_opacity(attenuation, opacity, grid)
     attenuation *= 1.0 + params.vertical_gradient * (y / height - 0.5)
 
     if params.noise_sigma > 0:
@@ -425,114 +415,6 @@ def render_chest_xray(params: ChestXrayParams, grid: PixelGrid | None = None) ->
     return ChestXrayPhantom(
         volume=volume, lesions=lesions, photometric=params.photometric, bits_stored=params.bits_stored
     )
-
-
-def write_xray_dicom(
-    phantom_or_volume: Phantom | Volume,
-    path: Path,
-    *,
-    modality: str | None = None,
-    photometric: str | None = None,
-    bits_stored: int | None = None,
-    spacing_tag: str = "ImagerPixelSpacing",
-    patient_name: str = "PHANTOM^CHEST",
-    patient_id: str = "PHANTOM-0001",
-    accession_number: str = "PHANTOM0001",
-    study_instance_uid: str | None = None,
-    series_instance_uid: str | None = None,
-    sop_instance_uid: str | None = None,
-    transfer_syntax: str = ExplicitVRLittleEndian,
-) -> Path:
-    """Write a one-slice projection image as a DX (For Presentation) or CR DICOM file; return ``path``.
-
-    ``modality``, ``photometric`` and ``bits_stored`` default to the phantom's (a plain Volume: its
-    modality, MONOCHROME2, 16 bits). The voxels are MONOCHROME2-sense values; MONOCHROME1 stores
-    ``2**bits_stored - 1 - value``, with PresentationLUTShape INVERSE on DX. ``spacing_tag`` picks which
-    attribute carries the pixel spacing: ImagerPixelSpacing (the detector plane, what DX requires),
-    PixelSpacing (as many CR files do; on DX this departs from the IOD, which is useful to test
-    readers' fall-backs) or both. Pixels are unsigned 16-bit allocated, rows x columns = voxels[:, :, 0].T.
-    """
-    volume = phantom_or_volume.volume if isinstance(phantom_or_volume, Phantom) else phantom_or_volume
-    if volume.shape[2] != 1:
-        raise ValueError(f"a projection image has one slice, got a volume of shape {volume.shape}")
-    modality = (modality or volume.modality).upper()
-    if modality not in XRAY_MODALITIES:
-        raise ValueError(f"modality must be one of {XRAY_MODALITIES}, got {modality!r}")
-    photometric = photometric or getattr(phantom_or_volume, "photometric", "MONOCHROME2")
-    if photometric not in PHOTOMETRICS:
-        raise ValueError(f"photometric must be one of {PHOTOMETRICS}, got {photometric!r}")
-    bits_stored = int(bits_stored or getattr(phantom_or_volume, "bits_stored", 16))
-    if not 8 <= bits_stored <= 16:
-        raise ValueError(f"bits_stored must be in [8, 16], got {bits_stored}")
-    if spacing_tag not in SPACING_TAGS:
-        raise ValueError(f"spacing_tag must be one of {SPACING_TAGS}, got {spacing_tag!r}")
-    transfer_syntax = _check_transfer_syntax(transfer_syntax)
-
-    max_value = (1 << bits_stored) - 1
-    values = np.rint(np.asarray(volume.voxels[:, :, 0], dtype=np.float64).T)
-    if values.min() < 0 or values.max() > max_value:
-        raise ValueError(f"voxel values [{values.min()}, {values.max()}] do not fit {bits_stored} unsigned bits")
-    stored = (max_value - values if photometric == "MONOCHROME1" else values).astype(np.uint16)
-
-    sop_instance_uid = sop_instance_uid or generate_uid()
-    ds = _study_header(
-        sop_class_uid=DigitalXRayImageStorageForPresentation if modality == "DX" else ComputedRadiographyImageStorage,
-        modality=modality,
-        series_number=1,
-        series_description="Synthetic chest PA",
-        patient_name=patient_name,
-        patient_id=patient_id,
-        accession_number=accession_number,
-        study_instance_uid=study_instance_uid,
-        series_instance_uid=series_instance_uid,
-    )
-    ds.SOPInstanceUID = sop_instance_uid
-    ds.file_meta = _file_meta(ds.SOPClassUID, ds.SOPInstanceUID, transfer_syntax)
-    ds.InstanceNumber = 1
-    ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = "PA"
-    ds.PatientOrientation = ["L", "F"]  # rows run to the patient's left, columns to the feet
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.KVP = "120"
-    ds.BurnedInAnnotation = "NO"
-    ds.LossyImageCompression = "00"
-    ds.AnatomicRegionSequence = DicomSequence([_code("51185008", "SCT", "Chest")])
-    ds.ViewCodeSequence = DicomSequence([_code("399348003", "SCT", "postero-anterior")])
-    if modality == "DX":
-        ds.PresentationIntentType = "FOR PRESENTATION"
-        ds.PositionerType = ""
-        ds.ImageLaterality = "U"
-        ds.AcquisitionContextSequence = DicomSequence([])
-        ds.DetectorType = "SCINTILLATOR"
-        ds.PixelIntensityRelationship = "LOG"
-        # -1: higher stored values mean less X-ray intensity at the detector (more attenuation).
-        ds.PixelIntensityRelationshipSign = -1 if photometric == "MONOCHROME2" else 1
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "US"
-        ds.PresentationLUTShape = "IDENTITY" if photometric == "MONOCHROME2" else "INVERSE"
-
-    spacing_col, spacing_row = volume.spacing_mm[:2]
-    spacing = [_ds(spacing_row), _ds(spacing_col)]  # DICOM order: row spacing, column spacing
-    if spacing_tag in ("ImagerPixelSpacing", "both"):
-        ds.ImagerPixelSpacing = spacing
-    if spacing_tag in ("PixelSpacing", "both"):
-        ds.PixelSpacing = spacing
-
-    ds.WindowCenter, ds.WindowWidth = _percentile_window(stored)
-    rows, columns = stored.shape
-    _set_image_pixel_module(
-        ds, rows=rows, columns=columns, photometric=photometric, bits_stored=bits_stored, signed=False
-    )
-    _set_pixels(ds, np.ascontiguousarray(stored), transfer_syntax)
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    logger.debug("wrote %s %s %dx%d (%d bits) to %s", modality, photometric, *stored.shape, bits_stored, path)
-    return path
-
-
-def _code(value: str, scheme: str, meaning: str) -> Dataset:
-    return _item(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning)
 
 
 def _draw_opacities(
@@ -594,96 +476,3 @@ def _fits(opacity: Opacity, lung: Ellipse, params: ChestXrayParams, placed: list
         np.linalg.norm(center - np.asarray(other.center_mm)) >= radius + other.diameter_mm / 2.0 + 2.0 * margin
         for other in placed
     )
-
-
-def _ribs(ribs: Ribs, lateral: np.ndarray, y: np.ndarray, edge_mm: float) -> np.ndarray:
-    """Rounded bands, one per rib, fading out beyond the lateral extent."""
-    u = lateral / np.float32(ribs.lateral_extent_mm)
-    phase = (y - np.float32(ribs.top_mm) - np.float32(ribs.sag_mm) * u * u + np.float32(ribs.rise_mm) * u) / np.float32(
-        ribs.pitch_mm
-    )
-    threshold = math.cos(math.pi * ribs.width_fraction)
-    band = np.clip((np.cos(np.float32(2.0 * np.pi) * phase) - threshold) / (1.0 - threshold), 0.0, 1.0)
-    band = np.sqrt(band)  # a rib's cross-section: thickest along its middle
-    in_cage = _smoothstep(phase + 0.5) * _smoothstep(ribs.count - 0.5 - phase)
-    lateral_fade = _smoothstep((1.0 - u) * ribs.lateral_extent_mm / (4 * edge_mm))
-    return band * in_cage * lateral_fade
-
-
-def _clavicle_segments(params: ChestXrayParams) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Two bars rising from the sternal ends (near the midline) to the shoulders, as (start, end) in mm."""
-    width, _ = params.field_of_view_mm
-    segments = []
-    for side in (-1.0, 1.0):
-        start = np.array([params.midline_mm + side * 0.04 * width, params.clavicle_y_mm])
-        end = np.array([params.midline_mm + side * 0.32 * width, params.clavicle_y_mm - 0.05 * width])
-        segments.append((start, end))
-    return segments
-
-
-def _bar(
-    a: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarray, half_thickness_mm: float, edge_mm: float
-) -> np.ndarray:
-    """Smooth indicator of the points within ``half_thickness_mm`` of the segment ``a``-``b``."""
-    (ax, ay), (dx, dy) = (float(v) for v in a), (float(v) for v in b - a)
-    t = np.clip(((x - ax) * dx + (y - ay) * dy) / (dx * dx + dy * dy), 0.0, 1.0)
-    distance = np.sqrt((x - ax - t * dx) ** 2 + (y - ay - t * dy) ** 2)
-    return _smoothstep(0.5 + (half_thickness_mm - distance) / edge_mm)
-
-
-def _texture(
-    params: ChestXrayParams, grid: PixelGrid, box: tuple[slice, slice], width_mm: float, height_mm: float
-) -> np.ndarray:
-    """Smooth unit-variance random field on a fixed mm lattice, bilinearly interpolated at the pixel centers of ``box``.
-
-    The lattice depends only on the parameters, so every grid sees the same texture. Interpolation is
-    separable: ``Wy @ lattice @ Wx.T``.
-    """
-    cell = params.texture_cell_mm
-    nx, ny = math.ceil(width_mm / cell) + 3, math.ceil(height_mm / cell) + 3
-    lattice = np.random.default_rng(params.texture_seed).standard_normal((ny, nx)).astype(np.float32)
-    wy = _linear_weights(grid.y_mm()[box[0]], -cell, cell, ny)
-    wx = _linear_weights(grid.x_mm()[box[1]], -cell, cell, nx)
-    return (wy @ lattice) @ wx.T
-
-
-def _linear_weights(coords_mm: np.ndarray, start_mm: float, step_mm: float, n: int) -> np.ndarray:
-    """(len(coords), n) linear-interpolation weights of lattice nodes ``start + k * step``."""
-    position = np.clip((coords_mm - start_mm) / step_mm, 0.0, n - 1.000001)
-    below = np.floor(position).astype(np.int64)
-    frac = (position - below).astype(np.float32)
-    weights = np.zeros((len(coords_mm), n), dtype=np.float32)
-    rows = np.arange(len(coords_mm))
-    weights[rows, below] = 1.0 - frac
-    weights[rows, below + 1] = frac
-    return weights
-
-
-def _add_opacity(attenuation: np.ndarray, opacity: Opacity, grid: PixelGrid) -> None:
-    """Add one opacity in place, computing only the pixels of its bounding box."""
-    center, radius = np.asarray(opacity.center_mm), opacity.diameter_mm / 2.0
-    box = _block(grid, center - radius, center + radius)
-    if box is None:
-        return
-    rows, cols = box
-    x = grid.x_mm()[None, cols]
-    y = grid.y_mm()[rows, None]
-    inside = np.clip(1.0 - ((x - center[0]) ** 2 + (y - center[1]) ** 2) / radius**2, 0.0, None)
-    attenuation[rows, cols] += (opacity.contrast * inside**opacity.profile_power).astype(np.float32)
-
-
-def _block(grid: PixelGrid, lo_mm: np.ndarray, hi_mm: np.ndarray) -> tuple[slice, slice] | None:
-    """(rows, columns) slices of the pixels whose centers lie in the mm box [lo, hi] ((x, y) corners), or None."""
-    (spacing_row, spacing_col), (x0, y0) = grid.spacing_mm, grid.origin_mm
-    c_lo, c_hi = math.ceil((lo_mm[0] - x0) / spacing_col), math.floor((hi_mm[0] - x0) / spacing_col) + 1
-    r_lo, r_hi = math.ceil((lo_mm[1] - y0) / spacing_row), math.floor((hi_mm[1] - y0) / spacing_row) + 1
-    c_lo, r_lo = max(c_lo, 0), max(r_lo, 0)
-    c_hi, r_hi = min(c_hi, grid.shape[1]), min(r_hi, grid.shape[0])
-    if c_hi <= c_lo or r_hi <= r_lo:
-        return None
-    return slice(r_lo, r_hi), slice(c_lo, c_hi)
-
-
-def _smoothstep(t: np.ndarray | float) -> np.ndarray:
-    t = np.clip(np.asarray(t, dtype=np.float32), 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)

@@ -28,8 +28,8 @@ from inference.io.volume import LPS_TO_RAS
 from inference.phantoms.base import Phantom
 from inference.phantoms.brain_mr import lesion_labels, render_brain_mr, sample_brain_mr_params
 from inference.phantoms.chest_ct import make_chest_ct
-from inference.phantoms.chest_xray import make_chest_xray, write_xray_dicom
-from inference.phantoms.writers import write_dicom_series
+from inference.phantoms.chest_xray import make_chest_xray
+from inference.phantoms.writers import write_dicom_series, write_xray_dicom
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Write volumes (or phantoms) as DICOM series, an Enhanced CT multi-frame file, or NIfTI.
+"""Write volumes (or phantoms) as DICOM series, an Enhanced CT multi-frame file, a projection X-ray (CR, DX), or NIfTI.
 
 The DICOM geometry comes straight from ``Volume.affine`` (see inference/io/volume.py): slice k has
 ImagePositionPatient = affine @ (0, 0, k, 1), ImageOrientationPatient = the normalised affine columns 0
@@ -14,41 +14,44 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.pixels import get_encoder
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
-    UID,
+    ComputedRadiographyImageStorage,
     CTImageStorage,
-    DeflatedExplicitVRLittleEndian,
+    DigitalXRayImageStorageForPresentation,
     EnhancedCTImageStorage,
     ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGLSLossless,
     MRImageStorage,
-    RLELossless,
     generate_uid,
 )
-from pydicom.valuerep import format_number_as_ds
 
 from inference.io.volume import LPS_TO_RAS, Volume
 from inference.phantoms.base import Phantom
+from inference.phantoms.chest_xray import PHOTOMETRICS, SPACING_TAGS, XRAY_MODALITIES
+from inference.phantoms.dicom_parts import (
+    BODY_PART_BY_MODALITY,
+    STUDY_DATE,
+    STUDY_TIME,
+    check_transfer_syntax,
+    dataset_item,
+    decimal_string,
+    file_meta,
+    orientation_strings,
+    percentile_window,
+    set_image_pixel_module,
+    set_pixels,
+    study_header,
+    to_int16,
+    unit_vector,
+    window_for,
+)
 
 logger = logging.getLogger(__name__)
 
-UNCOMPRESSED_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian)
-LOSSLESS_COMPRESSED_SYNTAXES = (RLELossless, JPEG2000Lossless, JPEGLSLossless)
 
 CT_RESCALE_INTERCEPT = -1024.0
 _SOP_CLASS_BY_MODALITY = {"CT": CTImageStorage, "MR": MRImageStorage}
-# The phantoms are a chest CT and a brain MR. Naming the (unpaired) body part is what makes Laterality (0020,0060),
-# Type 2C "if a paired structure", rightly absent: without it dciodvfy reports Laterality missing.
-_BODY_PART_BY_MODALITY = {"CT": "CHEST", "MR": "HEAD"}
-_INT16_MIN, _INT16_MAX = -32768, 32767
-
-# Fixed dates keep phantom files reproducible.
-_STUDY_DATE, _STUDY_TIME = "20250101", "120000"
 
 
 def write_dicom_series(
@@ -81,7 +84,7 @@ def write_dicom_series(
     modality = (modality or volume.modality).upper()
     if modality not in _SOP_CLASS_BY_MODALITY:
         raise ValueError(f"cannot write modality {modality!r} as a DICOM series; supported: CT, MR")
-    transfer_syntax = _check_transfer_syntax(transfer_syntax)
+    transfer_syntax = check_transfer_syntax(transfer_syntax)
     n_slices = volume.shape[2]
     if sop_instance_uids is not None and len(sop_instance_uids) != n_slices:
         raise ValueError(f"sop_instance_uids must hold one UID per slice ({n_slices}), got {len(sop_instance_uids)}")
@@ -97,7 +100,7 @@ def write_dicom_series(
     digits = max(4, len(str(n_slices)))
 
     intercept = CT_RESCALE_INTERCEPT if modality == "CT" else 0.0
-    stored = _to_int16(volume.voxels, intercept)
+    stored = to_int16(volume.voxels, intercept)
     header = _series_header(
         volume,
         modality=modality,
@@ -110,25 +113,25 @@ def write_dicom_series(
         series_instance_uid=series_instance_uid,
         frame_of_reference_uid=frame_of_reference_uid,
     )
-    header.RescaleIntercept = _ds(intercept)
+    header.RescaleIntercept = decimal_string(intercept)
     header.RescaleSlope = "1"
     if modality == "CT":
         header.RescaleType = "HU"
-    header.WindowCenter, header.WindowWidth = _window(volume.voxels, modality)
+    header.WindowCenter, header.WindowWidth = window_for(volume.voxels, modality)
 
     affine = volume.affine
-    normal = _unit(np.cross(affine[:3, 0], affine[:3, 1]))
+    normal = unit_vector(np.cross(affine[:3, 0], affine[:3, 1]))
     normal = -normal if normal[2] < 0 else normal  # SliceLocation grows towards head, like z
     paths = []
     for k in range(n_slices):
         ds = copy.deepcopy(header)
         ds.SOPInstanceUID = generate_uid() if sop_instance_uids is None else sop_instance_uids[k]
-        ds.file_meta = _file_meta(ds.SOPClassUID, ds.SOPInstanceUID, transfer_syntax)
+        ds.file_meta = file_meta(ds.SOPClassUID, ds.SOPInstanceUID, transfer_syntax)
         ds.InstanceNumber = int(instance_order[k]) + 1
         position = affine[:3, :3] @ np.array([0.0, 0.0, float(k)]) + affine[:3, 3]
-        ds.ImagePositionPatient = [_ds(v) for v in position]
-        ds.SliceLocation = _ds(float(position @ normal))
-        _set_pixels(ds, np.ascontiguousarray(stored[:, :, k].T), transfer_syntax)
+        ds.ImagePositionPatient = [decimal_string(v) for v in position]
+        ds.SliceLocation = decimal_string(float(position @ normal))
+        set_pixels(ds, np.ascontiguousarray(stored[:, :, k].T), transfer_syntax)
         path = out_dir / f"{file_prefix}_{int(name_order[k]):0{digits}d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -157,7 +160,7 @@ def write_dicom_multiframe(
     volume = _as_volume(phantom_or_volume)
     if volume.modality.upper() != "CT":
         raise ValueError(f"write_dicom_multiframe writes Enhanced CT only, got modality {volume.modality!r}")
-    transfer_syntax = _check_transfer_syntax(transfer_syntax)
+    transfer_syntax = check_transfer_syntax(transfer_syntax)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -175,11 +178,11 @@ def write_dicom_multiframe(
         per_frame_geometry=True,
     )
     ds.SOPInstanceUID = generate_uid()
-    ds.file_meta = _file_meta(ds.SOPClassUID, ds.SOPInstanceUID, transfer_syntax)
+    ds.file_meta = file_meta(ds.SOPClassUID, ds.SOPInstanceUID, transfer_syntax)
     ds.InstanceNumber = 1
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
     ds.ContentQualification = "RESEARCH"
-    ds.AcquisitionDateTime = _STUDY_DATE + _STUDY_TIME
+    ds.AcquisitionDateTime = STUDY_DATE + STUDY_TIME
     ds.BurnedInAnnotation = "NO"
     ds.PresentationLUTShape = "IDENTITY"
     ds.LossyImageCompression = "00"
@@ -191,15 +194,15 @@ def write_dicom_multiframe(
     stack_id = "1"
     dimension_uid = generate_uid()
     ds.DimensionOrganizationType = "3D"
-    ds.DimensionOrganizationSequence = DicomSequence([_item(DimensionOrganizationUID=dimension_uid)])
+    ds.DimensionOrganizationSequence = DicomSequence([dataset_item(DimensionOrganizationUID=dimension_uid)])
     ds.DimensionIndexSequence = DicomSequence(
         [
-            _item(
+            dataset_item(
                 DimensionOrganizationUID=dimension_uid,
                 DimensionIndexPointer=0x00209056,  # StackID
                 FunctionalGroupPointer=0x00209111,  # FrameContentSequence
             ),
-            _item(
+            dataset_item(
                 DimensionOrganizationUID=dimension_uid,
                 DimensionIndexPointer=0x00209057,  # InStackPositionNumber
                 FunctionalGroupPointer=0x00209111,
@@ -210,20 +213,20 @@ def write_dicom_multiframe(
     shared = Dataset()
     shared.PixelMeasuresSequence = DicomSequence(
         [
-            _item(
-                PixelSpacing=[_ds(spacing[1]), _ds(spacing[0])],
-                SliceThickness=_ds(spacing[2]),
-                SpacingBetweenSlices=_ds(spacing[2]),
+            dataset_item(
+                PixelSpacing=[decimal_string(spacing[1]), decimal_string(spacing[0])],
+                SliceThickness=decimal_string(spacing[2]),
+                SpacingBetweenSlices=decimal_string(spacing[2]),
             )
         ]
     )
-    shared.PlaneOrientationSequence = DicomSequence([_item(ImageOrientationPatient=_orientation(affine))])
+    shared.PlaneOrientationSequence = DicomSequence([dataset_item(ImageOrientationPatient=orientation_strings(affine))])
     shared.PixelValueTransformationSequence = DicomSequence(
-        [_item(RescaleIntercept=_ds(CT_RESCALE_INTERCEPT), RescaleSlope="1", RescaleType="HU")]
+        [dataset_item(RescaleIntercept=decimal_string(CT_RESCALE_INTERCEPT), RescaleSlope="1", RescaleType="HU")]
     )
-    center, width = _window(volume.voxels, "CT")
-    shared.FrameVOILUTSequence = DicomSequence([_item(WindowCenter=center, WindowWidth=width)])
-    shared.CTImageFrameTypeSequence = DicomSequence([_item(FrameType=["ORIGINAL", "PRIMARY", "AXIAL", "NONE"])])
+    center, width = window_for(volume.voxels, "CT")
+    shared.FrameVOILUTSequence = DicomSequence([dataset_item(WindowCenter=center, WindowWidth=width)])
+    shared.CTImageFrameTypeSequence = DicomSequence([dataset_item(FrameType=["ORIGINAL", "PRIMARY", "AXIAL", "NONE"])])
     ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
 
     frames = []
@@ -231,14 +234,16 @@ def write_dicom_multiframe(
         position = affine[:3, :3] @ np.array([0.0, 0.0, float(k)]) + affine[:3, 3]
         frame = Dataset()
         frame.FrameContentSequence = DicomSequence(
-            [_item(StackID=stack_id, InStackPositionNumber=k + 1, DimensionIndexValues=[1, k + 1])]
+            [dataset_item(StackID=stack_id, InStackPositionNumber=k + 1, DimensionIndexValues=[1, k + 1])]
         )
-        frame.PlanePositionSequence = DicomSequence([_item(ImagePositionPatient=[_ds(v) for v in position])])
+        frame.PlanePositionSequence = DicomSequence(
+            [dataset_item(ImagePositionPatient=[decimal_string(v) for v in position])]
+        )
         frames.append(frame)
     ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
 
-    stored = _to_int16(volume.voxels, CT_RESCALE_INTERCEPT)
-    _set_pixels(ds, np.ascontiguousarray(stored.transpose(2, 1, 0)), transfer_syntax)  # (frames, rows, columns)
+    stored = to_int16(volume.voxels, CT_RESCALE_INTERCEPT)
+    set_pixels(ds, np.ascontiguousarray(stored.transpose(2, 1, 0)), transfer_syntax)  # (frames, rows, columns)
     ds.save_as(path, enforce_file_format=True)
     logger.debug("wrote %d-frame Enhanced CT to %s (%s)", n_frames, path, transfer_syntax.name)
     return path
@@ -263,57 +268,6 @@ def write_nifti(phantom_or_volume: Phantom | Volume, path: Path) -> Path:
     return path
 
 
-def _study_header(
-    *,
-    sop_class_uid: str,
-    modality: str,
-    series_number: int,
-    series_description: str,
-    patient_name: str,
-    patient_id: str,
-    accession_number: str,
-    study_instance_uid: str | None,
-    series_instance_uid: str | None,
-) -> Dataset:
-    """Patient, study, series and equipment attributes of every phantom file; a UID left None is generated.
-
-    Dates and times are fixed, so that a phantom written twice with the same UIDs gives the same bytes.
-    """
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = sop_class_uid
-    ds.StudyInstanceUID = study_instance_uid or generate_uid()
-    ds.SeriesInstanceUID = series_instance_uid or generate_uid()
-    ds.Modality = modality
-    ds.Manufacturer = "radserve"
-    ds.ManufacturerModelName = "synthetic phantom"
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = "19700101"
-    ds.PatientSex = "O"
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = _STUDY_DATE
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = _STUDY_TIME
-    ds.StudyID = "1"
-    ds.AccessionNumber = accession_number
-    ds.ReferringPhysicianName = ""
-    ds.SeriesNumber = series_number
-    ds.SeriesDescription = series_description
-    return ds
-
-
-def _set_image_pixel_module(
-    ds: Dataset, *, rows: int, columns: int, photometric: str, bits_stored: int, signed: bool
-) -> None:
-    """One sample per pixel, 16 bits allocated, ``bits_stored`` of them used."""
-    ds.Rows, ds.Columns = rows, columns
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = 16
-    ds.BitsStored = bits_stored
-    ds.HighBit = bits_stored - 1
-    ds.PixelRepresentation = 1 if signed else 0
-
-
 def _series_header(
     volume: Volume,
     *,
@@ -329,7 +283,7 @@ def _series_header(
     per_frame_geometry: bool = False,
 ) -> Dataset:
     """Attributes shared by every instance of the series; geometry at the top level unless ``per_frame_geometry``."""
-    ds = _study_header(
+    ds = study_header(
         sop_class_uid=sop_class_uid,
         modality=modality,
         series_number=series_number,
@@ -344,7 +298,7 @@ def _series_header(
     ds.PositionReferenceIndicator = ""
     ds.AcquisitionNumber = 1
     ds.PatientPosition = "HFS"
-    ds.BodyPartExamined = _BODY_PART_BY_MODALITY[modality]
+    ds.BodyPartExamined = BODY_PART_BY_MODALITY[modality]
     if modality == "CT":
         ds.KVP = "120"
     else:
@@ -353,88 +307,123 @@ def _series_header(
 
     if not per_frame_geometry:
         spacing = np.linalg.norm(volume.affine[:3, :3], axis=0)
-        ds.ImageOrientationPatient = _orientation(volume.affine)
-        ds.PixelSpacing = [_ds(spacing[1]), _ds(spacing[0])]  # [row spacing, column spacing]
-        ds.SliceThickness = _ds(spacing[2])
-        ds.SpacingBetweenSlices = _ds(spacing[2])
+        ds.ImageOrientationPatient = orientation_strings(volume.affine)
+        ds.PixelSpacing = [decimal_string(spacing[1]), decimal_string(spacing[0])]  # [row spacing, column spacing]
+        ds.SliceThickness = decimal_string(spacing[2])
+        ds.SpacingBetweenSlices = decimal_string(spacing[2])
 
     columns, rows, _ = volume.shape
-    _set_image_pixel_module(ds, rows=rows, columns=columns, photometric="MONOCHROME2", bits_stored=16, signed=True)
+    set_image_pixel_module(ds, rows=rows, columns=columns, photometric="MONOCHROME2", bits_stored=16, signed=True)
     return ds
-
-
-def _set_pixels(ds: Dataset, pixels: np.ndarray, transfer_syntax: UID) -> None:
-    """Store 16-bit ``pixels`` (rows x columns, or frames x rows x columns) in ``transfer_syntax``, little-endian."""
-    if transfer_syntax.is_compressed:
-        # Keep the SOPInstanceUID we chose: lossless compression does not make a new instance.
-        ds.compress(transfer_syntax, pixels, generate_instance_uid=False)
-    else:
-        ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<"), copy=False).tobytes()
-
-
-def _check_transfer_syntax(transfer_syntax: str) -> UID:
-    ts = UID(transfer_syntax)
-    if ts in UNCOMPRESSED_SYNTAXES:
-        return ts
-    if ts not in LOSSLESS_COMPRESSED_SYNTAXES:
-        supported = ", ".join(s.name for s in (*UNCOMPRESSED_SYNTAXES, *LOSSLESS_COMPRESSED_SYNTAXES))
-        raise ValueError(f"cannot write transfer syntax {ts} ({ts.name}); supported: {supported}")
-    encoder = get_encoder(ts)
-    if not encoder.is_available:
-        missing = "; ".join(f"{name}: {', '.join(deps)}" for name, deps in encoder.missing_dependencies.items())
-        raise RuntimeError(f"no encoder installed for {ts.name}; install one of: {missing}")
-    return ts
-
-
-def _file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: UID) -> FileMetaDataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = transfer_syntax
-    return meta
-
-
-def _to_int16(values: np.ndarray, intercept: float) -> np.ndarray:
-    stored = np.rint(np.asarray(values, dtype=np.float64) - intercept)
-    clipped = int(np.count_nonzero((stored < _INT16_MIN) | (stored > _INT16_MAX)))
-    if clipped:
-        logger.warning("%d voxels outside the int16 range after rescale were clipped", clipped)
-    return np.clip(stored, _INT16_MIN, _INT16_MAX).astype(np.int16)
-
-
-def _window(values: np.ndarray, modality: str) -> tuple[str, str]:
-    """WindowCenter/WindowWidth as DS: the lung window for CT, the 1-99th percentile span otherwise."""
-    if modality == "CT":
-        return "-600", "1500"
-    return _percentile_window(values)
-
-
-def _percentile_window(values: np.ndarray) -> tuple[str, str]:
-    """WindowCenter/WindowWidth as DS spanning the 1st to 99th percentile of ``values`` (at least 1 wide)."""
-    low, high = np.percentile(values, [1, 99])
-    return _ds((low + high) / 2), _ds(max(high - low, 1.0))
-
-
-def _orientation(affine: np.ndarray) -> list[str]:
-    return [_ds(v) for v in (*_unit(affine[:3, 0]), *_unit(affine[:3, 1]))]
 
 
 def _as_volume(phantom_or_volume: Phantom | Volume) -> Volume:
     return phantom_or_volume.volume if isinstance(phantom_or_volume, Phantom) else phantom_or_volume
 
 
-def _item(**attributes: object) -> Dataset:
-    item = Dataset()
-    for keyword, value in attributes.items():
-        setattr(item, keyword, value)
-    return item
+def write_xray_dicom(
+    phantom_or_volume: Phantom | Volume,
+    path: Path,
+    *,
+    modality: str | None = None,
+    photometric: str | None = None,
+    bits_stored: int | None = None,
+    spacing_tag: str = "ImagerPixelSpacing",
+    patient_name: str = "PHANTOM^CHEST",
+    patient_id: str = "PHANTOM-0001",
+    accession_number: str = "PHANTOM0001",
+    study_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+) -> Path:
+    """Write a one-slice projection image as a DX (For Presentation) or CR DICOM file; return ``path``.
+
+    ``modality``, ``photometric`` and ``bits_stored`` default to the phantom's (a plain Volume: its
+    modality, MONOCHROME2, 16 bits). The voxels are MONOCHROME2-sense values; MONOCHROME1 stores
+    ``2**bits_stored - 1 - value``, with PresentationLUTShape INVERSE on DX. ``spacing_tag`` picks which
+    attribute carries the pixel spacing: ImagerPixelSpacing (the detector plane, what DX requires),
+    PixelSpacing (as many CR files do; on DX this departs from the IOD, which is useful to test
+    readers' fall-backs) or both. Pixels are unsigned 16-bit allocated, rows x columns = voxels[:, :, 0].T.
+    """
+    volume = phantom_or_volume.volume if isinstance(phantom_or_volume, Phantom) else phantom_or_volume
+    if volume.shape[2] != 1:
+        raise ValueError(f"a projection image has one slice, got a volume of shape {volume.shape}")
+    modality = (modality or volume.modality).upper()
+    if modality not in XRAY_MODALITIES:
+        raise ValueError(f"modality must be one of {XRAY_MODALITIES}, got {modality!r}")
+    photometric = photometric or getattr(phantom_or_volume, "photometric", "MONOCHROME2")
+    if photometric not in PHOTOMETRICS:
+        raise ValueError(f"photometric must be one of {PHOTOMETRICS}, got {photometric!r}")
+    bits_stored = int(bits_stored or getattr(phantom_or_volume, "bits_stored", 16))
+    if not 8 <= bits_stored <= 16:
+        raise ValueError(f"bits_stored must be in [8, 16], got {bits_stored}")
+    if spacing_tag not in SPACING_TAGS:
+        raise ValueError(f"spacing_tag must be one of {SPACING_TAGS}, got {spacing_tag!r}")
+    transfer_syntax = check_transfer_syntax(transfer_syntax)
+
+    max_value = (1 << bits_stored) - 1
+    values = np.rint(np.asarray(volume.voxels[:, :, 0], dtype=np.float64).T)
+    if values.min() < 0 or values.max() > max_value:
+        raise ValueError(f"voxel values [{values.min()}, {values.max()}] do not fit {bits_stored} unsigned bits")
+    stored = (max_value - values if photometric == "MONOCHROME1" else values).astype(np.uint16)
+
+    sop_instance_uid = sop_instance_uid or generate_uid()
+    ds = study_header(
+        sop_class_uid=DigitalXRayImageStorageForPresentation if modality == "DX" else ComputedRadiographyImageStorage,
+        modality=modality,
+        series_number=1,
+        series_description="Synthetic chest PA",
+        patient_name=patient_name,
+        patient_id=patient_id,
+        accession_number=accession_number,
+        study_instance_uid=study_instance_uid,
+        series_instance_uid=series_instance_uid,
+    )
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.file_meta = file_meta(ds.SOPClassUID, ds.SOPInstanceUID, transfer_syntax)
+    ds.InstanceNumber = 1
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.PatientOrientation = ["L", "F"]  # rows run to the patient's left, columns to the feet
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.KVP = "120"
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    ds.AnatomicRegionSequence = DicomSequence([_code("51185008", "SCT", "Chest")])
+    ds.ViewCodeSequence = DicomSequence([_code("399348003", "SCT", "postero-anterior")])
+    if modality == "DX":
+        ds.PresentationIntentType = "FOR PRESENTATION"
+        ds.PositionerType = ""
+        ds.ImageLaterality = "U"
+        ds.AcquisitionContextSequence = DicomSequence([])
+        ds.DetectorType = "SCINTILLATOR"
+        ds.PixelIntensityRelationship = "LOG"
+        # -1: higher stored values mean less X-ray intensity at the detector (more attenuation).
+        ds.PixelIntensityRelationshipSign = -1 if photometric == "MONOCHROME2" else 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "US"
+        ds.PresentationLUTShape = "IDENTITY" if photometric == "MONOCHROME2" else "INVERSE"
+
+    spacing_col, spacing_row = volume.spacing_mm[:2]
+    spacing = [decimal_string(spacing_row), decimal_string(spacing_col)]  # DICOM order: row spacing, column spacing
+    if spacing_tag in ("ImagerPixelSpacing", "both"):
+        ds.ImagerPixelSpacing = spacing
+    if spacing_tag in ("PixelSpacing", "both"):
+        ds.PixelSpacing = spacing
+
+    ds.WindowCenter, ds.WindowWidth = percentile_window(stored)
+    rows, columns = stored.shape
+    set_image_pixel_module(
+        ds, rows=rows, columns=columns, photometric=photometric, bits_stored=bits_stored, signed=False
+    )
+    set_pixels(ds, np.ascontiguousarray(stored), transfer_syntax)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    logger.debug("wrote %s %s %dx%d (%d bits) to %s", modality, photometric, *stored.shape, bits_stored, path)
+    return path
 
 
-def _unit(v: Sequence[float] | np.ndarray) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float64)
-    return v / np.linalg.norm(v)
-
-
-def _ds(value: float) -> str:
-    """A decimal string of at most 16 characters, as DICOM DS requires."""
-    return format_number_as_ds(float(value) + 0.0)
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    return dataset_item(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning)

@@ -78,7 +78,7 @@ MODEL_YAML: dict[str, Any] = {
         "Focal brain lesions (5-40 mm, brighter or darker than the parenchyma) on T1-like MR. A small MONAI "
         "U-Net trained on synthetic phantoms only: research and demo use, not for clinical use."
     ),
-    # The bias field is divided out before the z-score (a polynomial fit, inference/engine/preprocess.py).
+    # The bias field is divided out before the z-score (a polynomial fit, inference/tasks/preprocess.py).
     "preprocessing": {"spacing_mm": [SPACING_MM] * 3, "normalize": "zscore_foreground", "bias_correction_degree": 2},
     "network": {
         "target": "monai.networks.nets.UNet",

@@ -7,6 +7,7 @@ import time
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -14,6 +15,8 @@ from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.client import ReadingClient
 from inference.phantoms import make_chest_ct
 from inference.serverproc import ServerProcess, health_status
+
+pytestmark = pytest.mark.server  # every test here starts a server (tests/conftest.py)
 
 
 def _raw_study(seed: int):

@@ -33,6 +33,7 @@ def serve_error(args: list[str], cwd: Path = ROOT) -> tuple[int, list[str]]:
     return done.returncode, done.stderr.strip().splitlines()
 
 
+@pytest.mark.server
 def test_a_port_in_use_is_one_line_and_exit_2(model_repo):
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
@@ -45,6 +46,7 @@ def test_a_port_in_use_is_one_line_and_exit_2(model_repo):
     ]
 
 
+@pytest.mark.server
 def test_a_missing_model_directory_is_one_line_and_exit_2(tmp_path):
     code, lines = serve_error(["--port", str(free_port()), "--models", str(tmp_path / "nowhere")])
     assert code == 2
@@ -59,6 +61,7 @@ def test_a_missing_model_directory_is_one_line_and_exit_2(tmp_path):
         ("no_such_setting: 1\n", "unknown settings ['no_such_setting']"),
     ],
 )
+@pytest.mark.server
 def test_a_bad_config_is_one_line_and_exit_2(tmp_path, text, message):
     config = tmp_path / "server.yaml"
     config.write_text(text)
@@ -69,6 +72,7 @@ def test_a_bad_config_is_one_line_and_exit_2(tmp_path, text, message):
 # -- health follows progress; SIGTERM ends the process ------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_health_is_not_serving_while_every_io_thread_is_stuck(model_repo):
     from inference.api.server import RadserveServer
     from inference.config import ServerConfig
@@ -118,6 +122,7 @@ def test_health_is_not_serving_while_every_io_thread_is_stuck(model_repo):
     assert asyncio.run(scenario()) == [serving, not_serving, serving]
 
 
+@pytest.mark.server
 def test_sigterm_ends_the_server_within_its_grace_period_whatever_its_reads_do(tmp_path, model_repo):
     with ServerProcess(
         models=model_repo("chest_xray"), log_path=tmp_path / "server.log", extra_args=["--grace-s", "2"]

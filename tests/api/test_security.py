@@ -326,6 +326,7 @@ def test_tokens_never_reach_the_log(secure_server):
 # -- unit checks -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_plaintext_on_a_non_loopback_host_needs_insecure(tmp_path):
     with pytest.raises(ValueError, match="--insecure"):
         load_security(ServerConfig(host="0.0.0.0"))

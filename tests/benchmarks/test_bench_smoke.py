@@ -20,6 +20,8 @@ import torch
 from inference.modelrepo.schema import ModelConfig
 from inference.tasks import task_class
 
+pytestmark = pytest.mark.server  # every test here starts a server (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

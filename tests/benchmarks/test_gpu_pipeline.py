@@ -246,7 +246,8 @@ def test_compiled_network_computes_what_the_eager_one_does():
 
 def _served_studies(folder: Path) -> dict[str, list[tuple[list[Path], object]]]:
     """Per model: (the DICOM files the client sends, the volume the fp32 reference reads)."""
-    from inference.phantoms.chest_xray import make_chest_xray, write_xray_dicom
+    from inference.phantoms.chest_xray import make_chest_xray
+    from inference.phantoms.writers import write_xray_dicom
 
     studies: dict[str, list[tuple[list[Path], object]]] = {
         "lung_nodule_ct": [],

@@ -72,6 +72,7 @@ def test_the_cuda_tests_collect_with_what_the_gpu_machine_has():
     assert len(collected) >= 14, collected
 
 
+@pytest.mark.server
 def test_a_failing_part_is_recorded_and_the_run_goes_on(model_repo, tmp_path, monkeypatch):
     def direct_fails(*args, **kwargs):
         raise RuntimeError("injected failure of the direct baseline")
@@ -90,6 +91,7 @@ def test_a_failing_part_is_recorded_and_the_run_goes_on(model_repo, tmp_path, mo
     assert sorted(p.name for p in out.iterdir()) == ["server.log", "tiny.json", "tiny.md"]  # no cache, no partials
 
 
+@pytest.mark.server
 def test_sigterm_leaves_the_rows_measured_and_stops_the_server(model_repo, tmp_path):
     out = tmp_path / "out"
     args = ["--profile", "tiny", "--only", "dx-256", "--no-ingest", "--no-naive", "--device", "cpu"]

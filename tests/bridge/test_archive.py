@@ -13,6 +13,7 @@ from inference.bridge.config import BridgeConfig
 from inference.bridge.orthanc import OrthancProcess, orthanc_available
 
 
+@pytest.mark.server
 @pytest.mark.skipif(not orthanc_available(), reason="Orthanc with its DICOMweb plugin is not installed")
 def test_basic_auth_against_an_orthanc_with_users(tmp_path):
     from pydicom.data import get_testdata_file
@@ -48,6 +49,7 @@ def test_one_archive_auth_at_most():
     assert "u:p" not in repr(BridgeConfig(**base, dicomweb_basic_auth="u:p"))
 
 
+@pytest.mark.server
 @pytest.mark.skipif(not orthanc_available(), reason="Orthanc with its DICOMweb plugin is not installed")
 def test_a_study_uid_under_two_patients_and_overlapping_pages_count_each_instance_once(tmp_path):
     """Orthanc keys a study by patient and UID, so one StudyInstanceUID stored under two PatientIDs is listed twice;

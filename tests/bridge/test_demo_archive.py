@@ -12,6 +12,8 @@ import pytest
 
 from inference.bridge.orthanc import orthanc_available
 
+pytestmark = pytest.mark.server  # every test here starts a server (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -9,14 +9,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Allowed of the package: the bridge, the client, the generated stubs (and their parent packages), the CLI module.
+# Allowed of the package: the bridge, the client, the generated stubs (and their parent packages), the CLI package
+# (its modules import the server only inside the handlers of server commands).
 BLOCKER = textwrap.dedent(
     """
     import importlib.abc, sys
 
     HEAVY = {"torch", "torchvision", "monai", "nibabel", "highdicom", "scipy", "tritonclient"}
-    ALLOWED = {"inference", "inference.api", "inference.cli", "inference.client"}
-    ALLOWED_PACKAGES = ("inference.bridge", "inference.api.gen")
+    ALLOWED = {"inference", "inference.api", "inference.client"}
+    ALLOWED_PACKAGES = ("inference.bridge", "inference.api.gen", "inference.cli")
 
     class Blocker(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):

@@ -113,6 +113,7 @@ def test_dockerfile_gpu_runs_as_non_root_with_a_radserve_healthcheck():
     assert bad.returncode != 0, "hadolint must flag an unpinned base image and pip install"
 
 
+@pytest.mark.server
 def test_health_port_answers_liveness_while_readiness_is_not_serving(tmp_path):
     """What the probes of deploy/radserve.yaml ask: with no model ready, readiness ("") is NOT_SERVING on the
     plaintext health port while liveness is SERVING, so Kubernetes would not restart the pod."""

@@ -23,6 +23,7 @@ def lung_model_repo(tmp: Path) -> Path:
     return repo
 
 
+@pytest.mark.server
 @pytest.mark.slow
 def test_a_short_soak_loses_no_read_and_the_server_neither_restarts_nor_leaks(tmp_path):
     args = ["soak", "--spawn", "--models", str(lung_model_repo(tmp_path)), "--clients", "3", "--duration-s", "60"]

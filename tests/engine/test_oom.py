@@ -263,6 +263,7 @@ def test_oom_in_gpu_preprocessing_fails_that_read_with_resource_exhausted_and_th
     np.testing.assert_allclose(summary(result), reference, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.server
 def test_out_of_gpu_memory_reaches_the_client_as_resource_exhausted(model_repo, monkeypatch):
     """Through the real servicer and error interceptor (in this process, so that the exception can be injected):
     an OOM in preprocessing and one in stacking the batch each give the client RESOURCE_EXHAUSTED with the

@@ -38,7 +38,7 @@ def test_help_of_every_client_command_needs_neither_numpy_nor_the_server():
 
 def test_building_the_parser_imports_neither_the_evaluation_nor_the_phantoms():
     script = THIN_CLIENT + (
-        "from inference.cli import _parser\n_parser()\n"
+        "from inference.cli import build_parser\nbuild_parser()\n"
         "loaded = sorted(m for m in sys.modules if m.startswith(('inference.evaluation', 'inference.phantoms')))\n"
         "assert not loaded, loaded\n"
     )

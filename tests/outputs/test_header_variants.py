@@ -22,7 +22,7 @@ from pydicom.uid import EnhancedMRImageStorage
 from inference.io.dicom import read_dicom_series
 from inference.io.volume import Volume
 from inference.outputs import Algorithm, conformance
-from inference.outputs.derived import build_derived
+from inference.outputs.derived import build_derived, source_headers
 from inference.outputs.finding import Finding
 from inference.outputs.source import PATIENT_STUDY_TYPE2
 from inference.phantoms import (
@@ -179,7 +179,7 @@ def test_a_header_variant_gets_a_valid_sr_and_seg_carrying_its_values(variant: V
         algorithm=ALGORITHM,
         want_sr=True,
         want_seg=True,
-        source_files=[path.read_bytes() for path in paths],
+        source_datasets=source_headers(volume, [path.read_bytes() for path in paths]),
     )
     source = pydicom.dcmread(paths[0], stop_before_pixels=True)
     outputs = {"sr": derived.sr, "seg": derived.seg}

@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless
@@ -106,6 +106,7 @@ def read_dicom_series(
 class DicomSeriesReader(VolumeReader[Sequence[bytes | Path]]):
     """:func:`read_dicom_series` as a :class:`VolumeReader`."""
 
+    single_payload: ClassVar[bool] = False
     series_instance_uid: str | None = None
     limits: InputLimits = DEFAULT_LIMITS
 

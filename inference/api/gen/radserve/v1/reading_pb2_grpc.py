@@ -150,8 +150,9 @@ class ReadingServiceServicer:
 
     def PromoteModel(self, request, context):
         """PromoteModel gives a READY version default routing, unless the promotion guard refuses: FAILED_PRECONDITION
-        with every reason (too few shadow reads compared, agreement below the floor, a regression on the evaluation
-        dataset configured for the model). force overrides the guard; the audit log records it.
+        with every reason (too few shadow reads compared, agreement below the floor, and the client's reasons: a
+        regression on the evaluation dataset configured for the model). force overrides the guard; the audit log
+        records it. check_only changes nothing and says what the guard needs (see PromoteModelRequest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
