@@ -10,11 +10,16 @@ server without the marker, so the unit tier stays free of them.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -72,20 +77,45 @@ def _guarded_popen_init(self: subprocess.Popen, args: object, *rest: object, **k
 subprocess.Popen.__init__ = _guarded_popen_init  # type: ignore[method-assign]
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _in_process_server_guard() -> Iterator[None]:
+def _guard_in_process_server(module: ModuleType) -> None:
     """radserve's server started in this process counts too (RadserveServer.start)."""
-    from inference.api.server import RadserveServer
+    start = module.RadserveServer.start
 
-    start = RadserveServer.start
-
-    async def guarded_start(self: RadserveServer) -> int:
+    async def guarded_start(self: object) -> int:
         _check_marked("radserve's server in this process")
         return await start(self)
 
-    RadserveServer.start = guarded_start  # type: ignore[method-assign]
-    yield
-    RadserveServer.start = start  # type: ignore[method-assign]
+    module.RadserveServer.start = guarded_start
+
+
+class _GuardOnImport(importlib.abc.MetaPathFinder):
+    """Applies :func:`_guard_in_process_server` when inference.api.server is first imported, so that a session that
+    never imports the server does not pay for it."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> importlib.machinery.ModuleSpec | None:
+        if name != "inference.api.server":
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_guard(module: ModuleType) -> None:
+            exec_module(module)
+            _guard_in_process_server(module)
+
+        spec.loader.exec_module = exec_and_guard  # type: ignore[method-assign]
+        return spec
+
+
+if "inference.api.server" in sys.modules:
+    _guard_in_process_server(sys.modules["inference.api.server"])
+else:
+    sys.meta_path.insert(0, _GuardOnImport())
 
 
 @pytest.hookimpl(hookwrapper=True)
