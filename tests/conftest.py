@@ -13,16 +13,16 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from server_guard import starts_a_server
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_FIXTURES = ("server", "orthanc", "triton")  # and any fixture named *_server
@@ -44,20 +44,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # -- the guard: a server started by a test without the `server` marker fails it --------------------------------------
 
 _running: list[pytest.Item] = []
-
-
-def starts_a_server(args: str | Sequence[object]) -> bool:
-    """Whether a child process with these arguments is (or starts) a server: `radserve serve`, `radserve triton serve`,
-    `radserve soak --spawn`, a benchmark run, the archive demo, Orthanc or Triton."""
-    words = [str(a) for a in ([args] if isinstance(args, str | os.PathLike) else args)]
-    names = {os.path.basename(w) for w in words}
-    radserve = "inference.cli" in words or "radserve" in names
-    return (
-        (radserve and ("serve" in words or "--spawn" in words))
-        or "benchmarks.run" in words
-        or any(w.endswith("demo_archive.py") for w in words)
-        or bool(names & {"Orthanc", "tritonserver"})
-    )
 
 
 def _check_marked(what: str) -> None:

@@ -7,7 +7,7 @@ import asyncio
 import sys
 
 import pytest
-from conftest import starts_a_server
+from server_guard import starts_a_server
 
 PY = sys.executable
 
