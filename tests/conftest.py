@@ -10,14 +10,19 @@ server without the marker, so the unit tier stays free of them.
 
 from __future__ import annotations
 
-import os
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
+from server_guard import starts_a_server
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_FIXTURES = ("server", "orthanc", "triton")  # and any fixture named *_server
@@ -41,20 +46,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 _running: list[pytest.Item] = []
 
 
-def starts_a_server(args: str | Sequence[object]) -> bool:
-    """Whether a child process with these arguments is (or starts) a server: `radserve serve`, `radserve triton serve`,
-    `radserve soak --spawn`, a benchmark run, the archive demo, Orthanc or Triton."""
-    words = [str(a) for a in ([args] if isinstance(args, str | os.PathLike) else args)]
-    names = {os.path.basename(w) for w in words}
-    radserve = "inference.cli" in words or "radserve" in names
-    return (
-        (radserve and ("serve" in words or "--spawn" in words))
-        or "benchmarks.run" in words
-        or any(w.endswith("demo_archive.py") for w in words)
-        or bool(names & {"Orthanc", "tritonserver"})
-    )
-
-
 def _check_marked(what: str) -> None:
     if _running and "server" not in _running[-1].keywords:
         pytest.fail(f"{_running[-1].nodeid} starts {what} without the `server` marker (tests/conftest.py)", False)
@@ -72,20 +63,45 @@ def _guarded_popen_init(self: subprocess.Popen, args: object, *rest: object, **k
 subprocess.Popen.__init__ = _guarded_popen_init  # type: ignore[method-assign]
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _in_process_server_guard() -> Iterator[None]:
+def _guard_in_process_server(module: ModuleType) -> None:
     """radserve's server started in this process counts too (RadserveServer.start)."""
-    from inference.api.server import RadserveServer
+    start = module.RadserveServer.start
 
-    start = RadserveServer.start
-
-    async def guarded_start(self: RadserveServer) -> int:
+    async def guarded_start(self: object) -> int:
         _check_marked("radserve's server in this process")
         return await start(self)
 
-    RadserveServer.start = guarded_start  # type: ignore[method-assign]
-    yield
-    RadserveServer.start = start  # type: ignore[method-assign]
+    module.RadserveServer.start = guarded_start
+
+
+class _GuardOnImport(importlib.abc.MetaPathFinder):
+    """Applies :func:`_guard_in_process_server` when inference.api.server is first imported, so that a session that
+    never imports the server does not pay for it."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> importlib.machinery.ModuleSpec | None:
+        if name != "inference.api.server":
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_guard(module: ModuleType) -> None:
+            exec_module(module)
+            _guard_in_process_server(module)
+
+        spec.loader.exec_module = exec_and_guard  # type: ignore[method-assign]
+        return spec
+
+
+if "inference.api.server" in sys.modules:
+    _guard_in_process_server(sys.modules["inference.api.server"])
+else:
+    sys.meta_path.insert(0, _GuardOnImport())
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -19,6 +19,7 @@ TASKS = ("detection", "segmentation")
 MODALITIES = ("CT", "MR", "CR", "DX")
 AUTOCAST = ("none", "bf16", "fp16")
 BACKENDS = ("torch", "triton")
+PROMOTE = ("auto", "manual")  # model.yaml `promote:` (README "Shadow and promote")
 # A network's `target` must live in one of these packages: model.yaml is data, not a way to run any code.
 # Network packages only: "monai." as a whole would admit e.g. monai.bundle.run, which evaluates a config file.
 ALLOWED_TARGET_PREFIXES = ("monai.networks.", "monai.apps.detection.networks.", "inference.networks.")
@@ -209,6 +210,10 @@ class ModelConfig:
     # server's --backend.
     backend: str | None = None
     description: str = ""
+    # "auto": once READY, the version takes default routing (the newest such version serves reads naming no
+    # version); "manual": it serves only reads naming it until `radserve models promote` (the promotion guard,
+    # inference.serving.promotion). The first version of a model takes default routing either way.
+    promote: str = "manual"
     directory: Path | None = field(default=None, compare=False)
     # Builds the bare network instead of network.target; set only by the MONAI bundle loader (never from
     # model.yaml), together with network.target == BUNDLE_NETWORK_TARGET.
@@ -226,6 +231,8 @@ class ModelConfig:
             raise ValueError("labels must name at least one class")
         if self.autocast not in AUTOCAST:
             raise ValueError(f"autocast must be one of {AUTOCAST}, got {self.autocast!r}")
+        if self.promote not in PROMOTE:
+            raise ValueError(f"promote must be one of {PROMOTE}, got {self.promote!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be true or false, got {self.compile!r}")
         if self.backend is not None and self.backend not in BACKENDS:

@@ -28,9 +28,10 @@ BLOCKER = textwrap.dedent(
     import importlib.abc, sys
 
     HEAVY = {"torch", "torchvision", "monai", "scipy", "highdicom", "tritonclient"}
-    ALLOWED = {"inference", "inference.api", "inference.cli", "inference.client"}
-    # The other clients of the API may load (the parser registers the bridge); no module of the server may.
-    ALLOWED_PACKAGES = ("inference.evaluation", "inference.api.gen", "inference.bridge")
+    ALLOWED = {"inference", "inference.api", "inference.client"}
+    # The other clients of the API may load (the parser registers the bridge); no module of the server may. The CLI's
+    # modules import the server only inside the handlers of server commands.
+    ALLOWED_PACKAGES = ("inference.evaluation", "inference.api.gen", "inference.bridge", "inference.cli")
 
     class Blocker(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
