@@ -12,7 +12,7 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +31,11 @@ from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.api.gen.radserve.v1 import reading_pb2_grpc as pb_grpc
 from inference.api.ingest import IngestPolicy
 from inference.api.interceptors import call_record_var, request_id_var
+from inference.api.progressive import ProgressiveRead, expected_instances, start_progressive
 from inference.api.routing import RoutingRPCs, model_info
 from inference.api.security import PermissionDeniedError, check_model_allowed, tenant_var
 from inference.config import PromotionPolicy
+from inference.engine.runner import ModelRunner, ReadResult
 from inference.engine.scheduler import Priority
 from inference.errors import (
     DeadlineExceededError,
@@ -205,8 +207,22 @@ class ReadingServicer(RoutingRPCs, pb_grpc.ReadingServiceServicer):
             held_upload_bytes += n_bytes
 
         held.callback(lambda: memory.release(held_upload_bytes))
+        progressive: ProgressiveRead | None = None
+
+        def file_done(upload: uploads.Upload, index: int) -> None:
+            nonlocal progressive
+            if upload.payload != pb.DICOM_FILES:
+                return
+            if progressive is None:
+                progressive = self._progressive(upload, deadline_s, reserve_upload)
+                held.push_async_callback(progressive.aclose)
+            upload.files[index] = bytes(upload.files[index])  # complete: pydicom and the workers take bytes
+            progressive.file_done(index, upload.files[index])
+
         with self.admission.upload():
-            upload = await uploads.receive(request_iterator, self._limits, self.receive_policy, reserve_upload)
+            upload = await uploads.receive(
+                request_iterator, self._limits, self.receive_policy, reserve_upload, file_done=file_done
+            )
         held.enter_context(self.shadow.live_work())  # shadow reads wait while live reads are computed
         request_id_var.set(upload.request_id)
         header = upload.header
@@ -218,15 +234,26 @@ class ReadingServicer(RoutingRPCs, pb_grpc.ReadingServiceServicer):
         unknown = wanted - {pb.OUTPUT_KIND_UNSPECIFIED, pb.FINDINGS, pb.DICOM_SR, pb.DICOM_SEG, pb.FHIR}
         if unknown:
             raise InvalidInputError(f"header.outputs holds unknown OutputKind values {sorted(unknown)}")
-        loop = asyncio.get_running_loop()
+        expected_instances(header, self._limits)
         decode_start = time.perf_counter()
-        volume = await self._decode(upload, deadline_s)
+        volume, result = None, None
+        if progressive is not None:
+            volume, result = await progressive.finish(upload.files)
+        if volume is None:
+            volume = await self._decode(upload, deadline_s)
         decode_ms = (time.perf_counter() - decode_start) * 1e3
         n_files = len(upload.files)
         source_datasets: list = []
         if pb.DICOM_SEG in wanted and volume.source is not None:  # the SEG references the instances it was read from
+            loop = asyncio.get_running_loop()
             source_datasets = await loop.run_in_executor(self._io_executor, source_headers, volume, upload.files)
         upload.files.clear()  # decoded (and the SEG's headers parsed): free the received bytes while the model runs
+        if result is not None:
+            runner = progressive.slabs.runner  # leased, checked and admitted by start_slabs
+            if record is not None:
+                record.model, record.model_version = runner.config.name, runner.config.version
+                record.study_hash = hash_uid(volume.source.study_instance_uid) if volume.source is not None else ""
+            return await self._answer(upload, runner, result, wanted, source_datasets, start, decode_ms, record)
         runner = await held.enter_async_context(
             self._registry.lease(header.model or None, header.model_version or None, volume.modality)
         )
@@ -259,6 +286,21 @@ class ReadingServicer(RoutingRPCs, pb_grpc.ReadingServiceServicer):
             peak_bytes = estimate_peak_bytes(shadow_volume, runner.config)
             self.shadow.submit(shadow, shadow_volume, result.findings, upload.request_id, peak_bytes)
             shadow_volume = None
+        return await self._answer(upload, runner, result, wanted, source_datasets, start, decode_ms, record)
+
+    async def _answer(
+        self,
+        upload: uploads.Upload,
+        runner: ModelRunner,
+        result: ReadResult,
+        wanted: set[int],
+        source_datasets: list,
+        start: float,
+        decode_ms: float,
+        record: object,
+    ) -> ReadOutcome:
+        """The findings and the DICOM outputs asked for, from a read's result (whole-study or progressive)."""
+        loop = asyncio.get_running_loop()
         timing = {"receive": upload.receive_ms, "decode": decode_ms, **result.timing_ms}
         derived = DerivedObjects()
         if wanted & {pb.DICOM_SR, pb.DICOM_SEG, pb.FHIR}:
@@ -293,6 +335,22 @@ class ReadingServicer(RoutingRPCs, pb_grpc.ReadingServiceServicer):
             fhir_bundle=derived.fhir.decode("utf-8"),
         )
         return ReadOutcome(summary, derived)
+
+    def _progressive(
+        self, upload: uploads.Upload, deadline_s: float | None, reserve: Callable[[int], None]
+    ) -> ProgressiveRead:
+        """A streamed DICOM read decoded as its files arrive, and read by slab when its model can be."""
+        return start_progressive(
+            upload.header,
+            upload.request_id,
+            registry=self._registry,
+            admission=self.admission,
+            limits=self._limits,
+            io_executor=self._io_executor,
+            decode_workers=self.decode_workers,
+            deadline_s=deadline_s,
+            reserve=reserve,
+        )
 
     async def _decode(self, upload: uploads.Upload, deadline_s: float | None) -> Volume:
         """The payload -> Volume: streamed DICOM and NIfTI in a decode worker process (inference.io.workers), which

@@ -203,6 +203,9 @@ class ModelConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     autocast: str = "bf16"  # applies on CUDA only
     compile: bool = False  # torch.compile the network, warmed up before serving (CUDA only; server --compile: all)
+    # Read while the study arrives (docs/decisions.md, "Progressive reading"): patches are preprocessed and inferred
+    # as the slices covering them come in. Only for preprocessing that is voxel-local (see progressive_refusal).
+    progressive: bool = False
     # Where the network runs: "torch" (in the server) or "triton" (a Triton Inference Server); unset: the
     # server's --backend.
     backend: str | None = None
@@ -234,6 +237,12 @@ class ModelConfig:
             raise ValueError(f"compile must be true or false, got {self.compile!r}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.progressive, bool):
+            raise ValueError(f"progressive must be true or false, got {self.progressive!r}")
+        if self.progressive and self.progressive_refusal() is not None:
+            raise ValueError(
+                f"progressive: true, but this model cannot be read progressively: {self.progressive_refusal()}"
+            )
         if self.task == "detection" and self.detector is None:
             raise ValueError("a detection model needs a 'detector' section (anchor shapes)")
         if (self.network.target == BUNDLE_NETWORK_TARGET) != (self.network_factory is not None):
@@ -252,6 +261,22 @@ class ModelConfig:
                 f"inferer.roi_size {self.inferer.roi_size!r} and preprocessing.spacing_mm "
                 f"{self.preprocessing.spacing_mm!r} must have the same number of dimensions"
             )
+
+    def progressive_refusal(self) -> str | None:
+        """Why this model cannot be read while its study arrives (None: it can, if ``progressive`` says so).
+
+        A patch can be made from the slices covering it only when every step after the resampling is voxel-local.
+        """
+        pre = self.preprocessing
+        if len(self.inferer.roi_size) != 3:
+            return "a 2-D model reads one image: there is nothing to read before it is complete"
+        if self.task != "detection":
+            return f"a {self.task} model pads its patches with the study's minimum, known only at the end"
+        if pre.normalize != "window":
+            return f"preprocessing.normalize {pre.normalize!r} needs a statistic of the whole study"
+        if pre.bias_correction_degree:
+            return "the bias field is fitted to the whole study"
+        return None
 
     @property
     def weights_path(self) -> Path:

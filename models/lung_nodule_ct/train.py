@@ -113,6 +113,7 @@ MODEL_YAML: dict[str, Any] = {
     "batching": {"max_batch_size": 4, "max_queue_delay_ms": 5.0},
     "autocast": "bf16",
     "promote": "auto",  # bundled versions take default routing once READY (docs/decisions.md)
+    "progressive": True,  # a fixed HU window: read while the study arrives (docs/decisions.md)
 }
 
 
