@@ -7,8 +7,11 @@
 #                 most 90 s (pytest-timeout);
 #   3. benchmark: run.py --profile gpu (CT 512x512x300, brain MR 256x256x160, X-ray 512x512 and 2048x2048 DX,
 #                 direct and naive baselines, shared memory, ingest, memory), with its own --budget-s;
+#   3b. progressive: benchmarks/progressive.py, a CT 512x512x300 uploaded at 10 and 50 MB/s (its rows go into the
+#                 summary, not a file of their own);
 #   4. compile:   benchmarks/compile_check.py, eager vs torch.compile per model, smallest first;
-#   5. summary:   benchmarks/gpu_summary.py: the table with the CUDA test counts and the compile figures.
+#   5. summary:   benchmarks/gpu_summary.py: the table with the CUDA test counts, the progressive rows and the
+#                 compile figures.
 # Each step runs under its own `timeout`, in its own process group, at most its cap and what the budget leaves
 # (less a reserve for the summary); whatever a step leaves running (a server) is ended with its group, and the
 # step's failure is recorded, not fatal. The benchmark and the compile check rewrite their JSON after every row or
@@ -151,6 +154,17 @@ else
     --cache "$BENCH_CACHE" --budget-s $(( cap > 50 ? cap - 25 : cap / 2 ))
 fi
 
+# 3b. Progressive reading: throttled uploads, the time from the last byte to the answer (benchmarks/progressive.py).
+if (( dry_run )); then
+  step "progressive (CPU rehearsal)" 150 "$PY" -m benchmarks.progressive --studies ct:160x160x100 --rates 50 \
+    --device cpu --cache "$BENCH_CACHE" --json "$WORK/progressive.json"
+else
+  left=$(( $(budget_left) - RESERVE_S - KILL_GRACE_S - 60 ))
+  cap=$(( left < 120 ? left : 120 ))
+  step "progressive" "$cap" "$PY" -m benchmarks.progressive --studies ct:512x512x300 --rates 10 50 \
+    --device cuda --cache "$BENCH_CACHE" --json "$WORK/progressive.json"
+fi
+
 # 4. The torch.compile check (on the CPU: the smallest model at batch 2, to rehearse the step).
 if (( dry_run )); then
   step "compile check (CPU rehearsal)" 300 "$PY" -m benchmarks.compile_check --device cpu --json "$OUT/compile.json" \
@@ -170,7 +184,8 @@ fi
 printf '%s\n' "${steps[@]}" >"$WORK/steps.txt"
 say "summary (budget ${BUDGET_S} s, $(budget_left) s left)"
 timeout "$RESERVE_S" "$PY" -m benchmarks.gpu_summary --out "$OUT" --profile "$profile" --junit "$WORK/cuda-junit.xml" \
-  --compile "$OUT/compile.json" --steps "$WORK/steps.txt" --cuda "$cuda" --elapsed-s $(( $(date +%s) - started ))
+  --compile "$OUT/compile.json" --steps "$WORK/steps.txt" --cuda "$cuda" --elapsed-s $(( $(date +%s) - started )) \
+  --progressive "$WORK/progressive.json"
 status=$?
 say "done in $(( $(date +%s) - started )) s, exit status $status; results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 exit "$status"

@@ -90,6 +90,20 @@ def test_lines(tests: dict[str, Any], cuda: bool) -> list[str]:
     return lines
 
 
+def progressive_lines(report: dict[str, Any], path: Path | None) -> list[str]:
+    """The progressive-reading rows (benchmarks/progressive.py), added to ``report``; none when the step left none."""
+    from benchmarks.progressive import format_rows
+
+    try:
+        rows = json.loads(path.read_text()) if path is not None else {}
+    except (OSError, ValueError):
+        rows = {}
+    report["progressive"] = rows
+    if not rows:
+        return []
+    return ["progressive reading (time after the last byte):", *[format_rows(s, r) for s, r in rows.items()], ""]
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.run import summarize, table
 
@@ -101,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=Path, default=None, help="one 'name: outcome' per line")
     parser.add_argument("--cuda", type=int, choices=(0, 1), required=True, help="whether CUDA was available")
     parser.add_argument("--elapsed-s", type=float, default=None, help="the GPU run's wall time so far")
+    parser.add_argument("--progressive", type=Path, default=None, help="benchmarks.progressive's JSON, if it ran")
     args = parser.parse_args(argv)
 
     path = args.out / f"{args.profile}.json"
@@ -125,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     report["verdict"] = {"exit_status": status, "reasons": reasons}
 
     lines = [table(report), "", *test_lines(report["cuda_tests"], bool(args.cuda)), ""]
+    lines += progressive_lines(report, args.progressive)
     lines += ["steps:", *[f"  {s}" for s in report["steps"]]]
     if args.elapsed_s is not None:
         lines.append(f"gpu_run.sh: {args.elapsed_s:.0f} s until the summary")

@@ -329,6 +329,35 @@ class ReadingClient:
         request = pb.UnloadModelRequest(model=model, model_version=model_version)
         return self.stub.UnloadModel(request, timeout=timeout_s, metadata=self.metadata)
 
+    def shadow_model(
+        self, model: str, model_version: str, fraction: float = 1.0, timeout_s: float = 30.0
+    ) -> pb.ShadowModelResponse:
+        """Make ``model:model_version`` its model's shadow on ``fraction`` of the live reads (0 ends it)."""
+        request = pb.ShadowModelRequest(model=model, model_version=model_version, fraction=fraction)
+        return self.stub.ShadowModel(request, timeout=timeout_s, metadata=self.metadata)
+
+    def promote_model(
+        self,
+        model: str,
+        model_version: str,
+        *,
+        force: bool = False,
+        check_only: bool = False,
+        client_reasons: Sequence[str] = (),
+        timeout_s: float = 600.0,
+    ) -> pb.PromoteModelResponse:
+        """Give ``model:model_version`` default routing; FAILED_PRECONDITION with the guard's reasons (the server's
+        and ``client_reasons``) unless ``force`` (audited). ``check_only``: change nothing, return what the guard says
+        and the evaluation dataset to check (``radserve models promote`` does both steps)."""
+        request = pb.PromoteModelRequest(
+            model=model, model_version=model_version, force=force, check_only=check_only, client_reasons=client_reasons
+        )
+        return self.stub.PromoteModel(request, timeout=timeout_s, metadata=self.metadata)
+
+    def rollback_model(self, model: str, timeout_s: float = 30.0) -> pb.RollbackModelResponse:
+        """Take ``model``'s version in default routing out of it; the previous one serves again."""
+        return self.stub.RollbackModel(pb.RollbackModelRequest(model=model), timeout=timeout_s, metadata=self.metadata)
+
     def wait_ready(self, timeout_s: float = 60.0) -> None:
         grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
 

@@ -100,6 +100,29 @@ class TritonConfig:
 
 
 @dataclass(frozen=True)
+class PromotionPolicy:
+    """The promotion guard's settings (inference.serving.promotion), from ServerConfig's ``promotion_*``."""
+
+    min_shadow_reads: int = 5
+    min_agreement: float = 0.9
+    eval_datasets: Mapping[str, Path] = field(default_factory=dict)
+    max_sensitivity_drop: float = 0.05
+    max_fp_per_study_increase: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_shadow_reads <= 1_000_000:
+            raise ValueError(f"promotion_min_shadow_reads must be in [0, 1000000], got {self.min_shadow_reads!r}")
+        for name in ("min_agreement", "max_sensitivity_drop"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"promotion_{name} must be in [0, 1], got {value!r}")
+        if not 0.0 <= self.max_fp_per_study_increase <= 1000.0:
+            raise ValueError(
+                f"promotion_max_fp_per_study_increase must be in [0, 1000], got {self.max_fp_per_study_increase!r}"
+            )
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = field(default="127.0.0.1", metadata=cli_flag("address to bind (default 127.0.0.1)"))
     port: int = field(default=50051, metadata=cli_flag("port (default 50051; 0 picks a free one)"))
@@ -238,6 +261,18 @@ class ServerConfig:
             metavar="MODALITY=NAME",
         ),
     )
+    # Shadow versions and the promotion guard (README "Shadow versions and promotion"; inference.serving.promotion):
+    # `radserve models promote` refuses a version with fewer than promotion_min_shadow_reads shadow reads compared
+    # (0: no shadow needed) or an agreement below promotion_min_agreement, or one that, on the labelled dataset
+    # configured for its model (promotion_eval_datasets: model name -> a `radserve eval` dataset on this server;
+    # YAML mapping, or "NAME=DIR,NAME=DIR"), loses more sensitivity or gains more false positives per study than the
+    # tolerances against the version serving. shadow_max_pending: shadow reads queued at most (more are skipped).
+    promotion_min_shadow_reads: int = 5
+    promotion_min_agreement: float = 0.9
+    promotion_eval_datasets: dict[str, str] = field(default_factory=dict)
+    promotion_max_sensitivity_drop: float = 0.05
+    promotion_max_fp_per_study_increase: float = 0.25
+    shadow_max_pending: int = 2
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -318,6 +353,20 @@ class ServerConfig:
                 raise ValueError(
                     f"default_models must map one of {MODALITIES} to a model name, got {modality!r}: {model!r}"
                 )
+
+        if not 1 <= self.shadow_max_pending <= 1000:
+            raise ValueError(f"shadow_max_pending must be in [1, 1000], got {self.shadow_max_pending!r}")
+        self.promotion_policy()  # checks the promotion_* bounds
+
+    def promotion_policy(self) -> PromotionPolicy:
+        """The promotion guard's settings."""
+        return PromotionPolicy(
+            min_shadow_reads=self.promotion_min_shadow_reads,
+            min_agreement=self.promotion_min_agreement,
+            eval_datasets={name: Path(path) for name, path in self.promotion_eval_datasets.items()},
+            max_sensitivity_drop=self.promotion_max_sensitivity_drop,
+            max_fp_per_study_increase=self.promotion_max_fp_per_study_increase,
+        )
 
     @property
     def address(self) -> str:

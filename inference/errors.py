@@ -100,6 +100,13 @@ class InputTooSmallError(RadserveError):
     code = "FAILED_PRECONDITION"
 
 
+class PromotionRefusedError(RadserveError):
+    """A model version may not take (or give up) default routing: the promotion guard's reasons, or no version to
+    roll back to (``radserve models promote``, ``rollback``)."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class ShuttingDownError(RadserveError):
     """The server is draining and takes no new reads; retriable on another replica."""
 

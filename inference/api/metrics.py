@@ -10,6 +10,10 @@ Metrics (each server has its own CollectorRegistry, served on ``metrics_port`` b
   ``radserve_gpu_memory_allocated_bytes{device}`` (CUDA only): read from the engine at scrape time.
 * ``radserve_pinned_host_memory_bytes`` (CUDA only): host memory of the pinned staging buffers of GPU
   preprocessing, cached between reads (``inference.backends.torch.pinned_host_memory_bytes``).
+* Shadow versions (inference.serving.shadow), per shadow ``{model,version}``: ``radserve_shadow_fraction``,
+  ``radserve_shadow_reads_total{outcome}`` (compared, skipped, failed), ``radserve_shadow_findings_total{side}``
+  (live, shadow, matched), ``radserve_shadow_agreement{share}`` (``live_found``: live findings the shadow also
+  found; ``shadow_found``: shadow findings live also has) and ``radserve_shadow_center_shift_mm`` (mean, matched).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from inference.api.interceptors import AUDITED_METHODS, CallRecord, request_id_var
@@ -38,9 +42,15 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class _EngineCollector(Collector):
     """Gauges and the batch-size histogram, read from the live runners when Prometheus scrapes."""
 
-    def __init__(self, runners: Callable[[], Iterable[Any]], in_flight: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        runners: Callable[[], Iterable[Any]],
+        in_flight: Callable[[], int],
+        shadows: Callable[[], Iterable[Any]] | None = None,
+    ) -> None:
         self._runners = runners
         self._in_flight = in_flight
+        self._shadows = shadows
 
     def collect(self) -> Iterator[Metric]:
         in_flight = GaugeMetricFamily("radserve_reads_in_flight", "Reads admitted and not finished")
@@ -70,6 +80,7 @@ class _EngineCollector(Collector):
             memory.add_metric([device], allocated)
         yield depth
         yield batches
+        yield from self._shadow_metrics()
         if devices:
             yield memory
             pinned_bytes = pinned_host_memory_bytes()
@@ -81,11 +92,47 @@ class _EngineCollector(Collector):
                 pinned.add_metric([], pinned_bytes)
                 yield pinned
 
+    def _shadow_metrics(self) -> Iterator[Metric]:
+        """The agreement of each shadow version (``ShadowTarget``: name, version, fraction, agreement)."""
+        labels = ["model", "version"]
+        fraction = GaugeMetricFamily("radserve_shadow_fraction", "Share of live reads also read by it", labels=labels)
+        reads = CounterMetricFamily("radserve_shadow_reads", "Shadow reads by outcome", labels=[*labels, "outcome"])
+        findings = CounterMetricFamily(
+            "radserve_shadow_findings", "Findings of the compared reads", labels=[*labels, "side"]
+        )
+        agreement = GaugeMetricFamily(
+            "radserve_shadow_agreement", "Share of one side's findings the other also has", labels=[*labels, "share"]
+        )
+        shift = GaugeMetricFamily(
+            "radserve_shadow_center_shift_mm", "Mean center distance of matched findings", labels=labels
+        )
+        for target in list(self._shadows()) if self._shadows is not None else []:
+            key, a = [target.name, target.version], target.agreement
+            fraction.add_metric(key, target.fraction)
+            for outcome, n in (
+                ("compared", a.reads_compared),
+                ("skipped", a.reads_skipped),
+                ("failed", a.reads_failed),
+            ):
+                reads.add_metric([*key, outcome], n)
+            for side, n in (("live", a.live_findings), ("shadow", a.shadow_findings), ("matched", a.matched)):
+                findings.add_metric([*key, side], n)
+            agreement.add_metric([*key, "live_found"], a.live_found_share)
+            agreement.add_metric([*key, "shadow_found"], a.shadow_found_share)
+            shift.add_metric(key, a.mean_center_shift_mm)
+        yield from (fraction, reads, findings, agreement, shift)
+
 
 class ServerMetrics:
     """The metrics of one server: ``observe_call`` is the ErrorInterceptor's ``on_done`` hook."""
 
-    def __init__(self, runners: Callable[[], Iterable[Any]], in_flight: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        runners: Callable[[], Iterable[Any]],
+        in_flight: Callable[[], int],
+        *,
+        shadows: Callable[[], Iterable[Any]] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.reads = Counter(
             "radserve_reads",
@@ -100,7 +147,7 @@ class ServerMetrics:
             buckets=STAGE_BUCKETS_S,
             registry=self.registry,
         )
-        self.registry.register(_EngineCollector(runners, in_flight))
+        self.registry.register(_EngineCollector(runners, in_flight, shadows))
         self._http: Any = None
         self._thread: Any = None
         self.port: int | None = None

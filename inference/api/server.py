@@ -151,8 +151,12 @@ class RadserveServer:
             ),
             decode_workers=self.decode_workers,
             model_roots=config.model_roots,
+            promotion_policy=config.promotion_policy(),
+            shadow_max_pending=config.shadow_max_pending,
         )
-        self.metrics = ServerMetrics(lambda: self.registry.runners, lambda: self.servicer.in_flight)
+        self.metrics = ServerMetrics(
+            lambda: self.registry.runners, lambda: self.servicer.in_flight, shadows=self.servicer.shadow.targets
+        )
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -324,6 +328,7 @@ class RadserveServer:
             await self._health_server.stop(0)
         if self.decode_workers is not None:
             self.decode_workers.close()
+        await self.servicer.shadow.close()
         await self.registry.close(drain=False)
         self._io_executor.shutdown(wait=False, cancel_futures=True)
         self.metrics.stop()

@@ -11,9 +11,8 @@ import contextlib
 import functools
 import hashlib
 import logging
-import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,11 @@ from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.api.gen.radserve.v1 import reading_pb2_grpc as pb_grpc
 from inference.api.ingest import IngestPolicy
 from inference.api.interceptors import call_record_var, request_id_var
+from inference.api.progressive import ProgressiveRead, expected_instances, start_progressive
+from inference.api.routing import RoutingRPCs, model_info
 from inference.api.security import PermissionDeniedError, check_model_allowed, tenant_var
+from inference.config import PromotionPolicy
+from inference.engine.runner import ModelRunner, ReadResult
 from inference.engine.scheduler import Priority
 from inference.errors import (
     DeadlineExceededError,
@@ -49,7 +52,8 @@ from inference.io.workers import DecodeJob, DecodeWorkers
 from inference.outputs.algorithm import Algorithm
 from inference.outputs.derived import DerivedObjects, build_derived, source_headers
 from inference.outputs.finding import Finding
-from inference.serving.registry import ModelListing, ModelRegistry, VersionState
+from inference.serving.registry import ModelRegistry
+from inference.serving.shadow import ShadowManager
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +105,7 @@ class ReadOutcome:
     derived: DerivedObjects
 
 
-class ReadingServicer(pb_grpc.ReadingServiceServicer):
+class ReadingServicer(RoutingRPCs, pb_grpc.ReadingServiceServicer):
     """``max_message_bytes``: the server's gRPC message limit, which a Read response must fit; ``output_chunk_bytes``:
     the largest DICOM chunk ReadStreamed sends."""
 
@@ -120,10 +124,13 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         model_roots: tuple[Path, ...] = (),
         receive_policy: uploads.ReceivePolicy | None = None,
         decode_workers: DecodeWorkers | None = None,
+        promotion_policy: PromotionPolicy | None = None,
+        shadow_max_pending: int = 2,
     ) -> None:
         """``admission``: the upload, per-client, compute and memory gates (``max_in_flight`` is used when it is
         None); ``receive_policy``: the receive deadline; ``decode_workers``: where streamed DICOM and NIfTI payloads
-        are decoded (None: in ``io_executor``'s threads)."""
+        are decoded (None: in ``io_executor``'s threads); ``promotion_policy``: the promotion guard's settings;
+        ``shadow_max_pending``: shadow reads queued at most (inference.serving.shadow)."""
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight!r}")
         if output_chunk_bytes < 1:
@@ -144,6 +151,8 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         self.max_message_bytes = max_message_bytes
         self.output_chunk_bytes = output_chunk_bytes
         self.in_flight = 0  # reads from their first message to their end, in every phase
+        self.promotion_policy = promotion_policy or PromotionPolicy()
+        self.shadow = ShadowManager(registry, self.admission.memory, max_pending=shadow_max_pending)
 
     @property
     def draining(self) -> bool:
@@ -198,8 +207,23 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
             held_upload_bytes += n_bytes
 
         held.callback(lambda: memory.release(held_upload_bytes))
+        progressive: ProgressiveRead | None = None
+
+        def file_done(upload: uploads.Upload, index: int) -> None:
+            nonlocal progressive
+            if upload.payload != pb.DICOM_FILES:
+                return
+            if progressive is None:
+                progressive = self._progressive(upload, deadline_s, reserve_upload)
+                held.push_async_callback(progressive.aclose)
+            upload.files[index] = bytes(upload.files[index])  # complete: pydicom and the workers take bytes
+            progressive.file_done(index, upload.files[index])
+
         with self.admission.upload():
-            upload = await uploads.receive(request_iterator, self._limits, self.receive_policy, reserve_upload)
+            upload = await uploads.receive(
+                request_iterator, self._limits, self.receive_policy, reserve_upload, file_done=file_done
+            )
+        held.enter_context(self.shadow.live_work())  # shadow reads wait while live reads are computed
         request_id_var.set(upload.request_id)
         header = upload.header
         if record is not None:
@@ -210,15 +234,26 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         unknown = wanted - {pb.OUTPUT_KIND_UNSPECIFIED, pb.FINDINGS, pb.DICOM_SR, pb.DICOM_SEG, pb.FHIR}
         if unknown:
             raise InvalidInputError(f"header.outputs holds unknown OutputKind values {sorted(unknown)}")
-        loop = asyncio.get_running_loop()
+        expected_instances(header, self._limits)
         decode_start = time.perf_counter()
-        volume = await self._decode(upload, deadline_s)
+        volume, result = None, None
+        if progressive is not None:
+            volume, result = await progressive.finish(upload.files)
+        if volume is None:
+            volume = await self._decode(upload, deadline_s)
         decode_ms = (time.perf_counter() - decode_start) * 1e3
         n_files = len(upload.files)
         source_datasets: list = []
         if pb.DICOM_SEG in wanted and volume.source is not None:  # the SEG references the instances it was read from
+            loop = asyncio.get_running_loop()
             source_datasets = await loop.run_in_executor(self._io_executor, source_headers, volume, upload.files)
         upload.files.clear()  # decoded (and the SEG's headers parsed): free the received bytes while the model runs
+        if result is not None:
+            runner = progressive.slabs.runner  # leased, checked and admitted by start_slabs
+            if record is not None:
+                record.model, record.model_version = runner.config.name, runner.config.version
+                record.study_hash = hash_uid(volume.source.study_instance_uid) if volume.source is not None else ""
+            return await self._answer(upload, runner, result, wanted, source_datasets, start, decode_ms, record)
         runner = await held.enter_async_context(
             self._registry.lease(header.model or None, header.model_version or None, volume.modality)
         )
@@ -242,8 +277,30 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         )
         priority = Priority.STAT if header.priority == pb.STAT else Priority.ROUTINE
         read = runner.read(volume, request_id=upload.request_id, priority=priority, deadline_s=deadline_s)
+        shadow = self.shadow.sample(runner.config.name, runner.config.version)
+        # A shadowed read's voxels are kept for the shadow version (reserved in the memory budget when it is queued).
+        shadow_volume = volume if shadow is not None else None
         del volume  # the runner holds the study until it is prepared, then only its geometry (result.volume)
         result = await read
+        if shadow is not None:  # after the live answer, never before it
+            peak_bytes = estimate_peak_bytes(shadow_volume, runner.config)
+            self.shadow.submit(shadow, shadow_volume, result.findings, upload.request_id, peak_bytes)
+            shadow_volume = None
+        return await self._answer(upload, runner, result, wanted, source_datasets, start, decode_ms, record)
+
+    async def _answer(
+        self,
+        upload: uploads.Upload,
+        runner: ModelRunner,
+        result: ReadResult,
+        wanted: set[int],
+        source_datasets: list,
+        start: float,
+        decode_ms: float,
+        record: object,
+    ) -> ReadOutcome:
+        """The findings and the DICOM outputs asked for, from a read's result (whole-study or progressive)."""
+        loop = asyncio.get_running_loop()
         timing = {"receive": upload.receive_ms, "decode": decode_ms, **result.timing_ms}
         derived = DerivedObjects()
         if wanted & {pb.DICOM_SR, pb.DICOM_SEG, pb.FHIR}:
@@ -278,6 +335,22 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
             fhir_bundle=derived.fhir.decode("utf-8"),
         )
         return ReadOutcome(summary, derived)
+
+    def _progressive(
+        self, upload: uploads.Upload, deadline_s: float | None, reserve: Callable[[int], None]
+    ) -> ProgressiveRead:
+        """A streamed DICOM read decoded as its files arrive, and read by slab when its model can be."""
+        return start_progressive(
+            upload.header,
+            upload.request_id,
+            registry=self._registry,
+            admission=self.admission,
+            limits=self._limits,
+            io_executor=self._io_executor,
+            decode_workers=self.decode_workers,
+            deadline_s=deadline_s,
+            reserve=reserve,
+        )
 
     async def _decode(self, upload: uploads.Upload, deadline_s: float | None) -> Volume:
         """The payload -> Volume: streamed DICOM and NIfTI in a decode worker process (inference.io.workers), which
@@ -340,7 +413,8 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
         if tenant is not None and tenant.models is not None:
             routes = {k: v for k, v in routes.items() if tenant.may_use(v.partition(":")[0])}
         return pb.ListModelsResponse(
-            models=[model_info(row, with_paths=operator) for row in rows], default_models=routes
+            models=[model_info(row, with_paths=operator, shadow=self.shadow.target) for row in rows],
+            default_models=routes,
         )
 
     def _check_management(self, what: str) -> None:
@@ -391,9 +465,7 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
                 f"{len(failed)} of {len(loaded)} model version(s) failed to load: " + "; ".join(failed)
             )
         names = {name for name, _, _ in loaded}
-        return pb.LoadModelResponse(
-            models=[model_info(r, with_paths=True) for r in self._registry.list_models() if r.name in names]
-        )
+        return pb.LoadModelResponse(models=self._model_infos(names))
 
     async def UnloadModel(  # noqa: N802 - gRPC method name
         self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
@@ -403,33 +475,5 @@ class ReadingServicer(pb_grpc.ReadingServiceServicer):
             raise InvalidInputError("UnloadModelRequest.model is empty")
         logger.info("UnloadModel %s:%s", escape_text(request.model, 64), escape_text(request.model_version or "*", 64))
         removed = await self._registry.unload(request.model, request.model_version or None)
+        self.shadow.forget(request.model, request.model_version or None)
         return pb.UnloadModelResponse(unloaded=removed)
-
-
-# An absolute path in a reason (a load error quoting a file), for readers who may not see server paths.
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/[^\s'\",:;)]+")
-
-
-def version_to_proto(state: VersionState, *, with_paths: bool = True) -> pb.ModelVersion:
-    """``with_paths``: the source directory, and reasons as they are (operators); else neither path."""
-    return pb.ModelVersion(
-        version=state.version,
-        state=state.state,
-        state_code=pb.VersionState.Value(f"VERSION_STATE_{state.state}"),
-        reason=state.reason if with_paths else _ABSOLUTE_PATH.sub("<path>", state.reason),
-        source=state.source if with_paths else "",
-        weights_sha256=state.weights_sha256,
-    )
-
-
-def model_info(row: ModelListing, *, with_paths: bool = True) -> pb.ModelInfo:
-    config = row.config
-    return pb.ModelInfo(
-        name=row.name,
-        task=config.task if config is not None else "",
-        modalities=config.modalities if config is not None else (),
-        labels=config.labels if config is not None else (),
-        versions=[version_to_proto(v, with_paths=with_paths) for v in row.versions],
-        device=row.device,
-        default_version=row.default_version,
-    )

@@ -162,9 +162,13 @@ async def receive(
     limits: InputLimits,
     policy: ReceivePolicy | None = None,
     reserve: Callable[[int], None] | None = None,
+    file_done: Callable[[Upload, int], None] | None = None,
 ) -> Upload:
     """Collect the header and the payload chunks, enforcing the limits as they arrive and the receive deadline of
-    ``policy`` between them (:class:`ReceiveTimeoutError`, DEADLINE_EXCEEDED, when the client is too slow)."""
+    ``policy`` between them (:class:`ReceiveTimeoutError`, DEADLINE_EXCEEDED, when the client is too slow).
+
+    ``file_done(upload, index)`` is called as soon as file ``index`` is complete (the first chunk of the next file
+    has arrived, or the stream has ended): a progressive read starts decoding it while the rest arrives."""
     policy = policy or ReceivePolicy()
     start = time.monotonic()
     assembler = UploadAssembler(limits, reserve)
@@ -181,10 +185,15 @@ async def receive(
             break
         except TimeoutError:
             raise ReceiveTimeoutError(policy.overdue(first_chunk_at, received, time.monotonic(), start)) from None
+        n_files = len(assembler.upload.files) if assembler.upload is not None else 0
         assembler.add(message)
         if first_chunk_at is None and assembler.upload is not None and assembler.upload.files:
             first_chunk_at = time.monotonic()
+        if file_done is not None and n_files and len(assembler.upload.files) > n_files:
+            file_done(assembler.upload, n_files - 1)
     upload = assembler.finish()
+    if file_done is not None and upload.files:
+        file_done(upload, len(upload.files) - 1)
     upload.receive_ms = (time.monotonic() - start) * 1e3
     return upload
 

@@ -20,7 +20,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -197,4 +197,35 @@ class ModelRunner:
         output = await loop.run_in_executor(self._io_executor, self.task.finalize, volume, prepared, results)
         timing["postprocess"] = (time.perf_counter() - start) * 1e3
         logger.debug("request %s: %d items, %d findings", request_id, len(prepared.items), len(output.findings))
+        return ReadResult(output.findings, timing, list(volume.warnings), output.masks, volume)
+
+    async def read_in_background(
+        self,
+        volume: Volume,
+        *,
+        request_id: str,
+        executor: Executor,
+        wait_turn: Callable[[], Awaitable[None]],
+        items_per_turn: int = 1,
+    ) -> ReadResult:
+        """A read below all live work (a shadow version's copy of a live read, inference.serving.shadow): prepare and
+        finalize run in ``executor`` (not the I/O threads live reads use), and the work items go to the batcher at
+        :attr:`Priority.SHADOW`, ``items_per_turn`` at a time, each only after ``await wait_turn()`` (no live read
+        computing). A live read arriving meanwhile waits for at most that many items' forward pass, already under way.
+        The caller holds ``volume`` (its voxels) until this returns."""
+        loop = asyncio.get_running_loop()
+        await wait_turn()
+        start = time.perf_counter()
+        prepared = await loop.run_in_executor(executor, self._prepare, volume)
+        volume = without_voxels(volume)
+        timing = {"preprocess": (time.perf_counter() - start) * 1e3}
+        start = time.perf_counter()
+        results: list[Any] = []
+        for first in range(0, len(prepared.items), items_per_turn):
+            await wait_turn()
+            chunk = prepared.items[first : first + items_per_turn]
+            results += await self.batcher.submit(request_id, chunk, priority=Priority.SHADOW)
+        timing["infer"] = (time.perf_counter() - start) * 1e3
+        await wait_turn()
+        output = await loop.run_in_executor(executor, self.task.finalize, volume, prepared, results)
         return ReadResult(output.findings, timing, list(volume.warnings), output.masks, volume)

@@ -6,7 +6,7 @@ next; the :class:`~inference.engine.batcher.DynamicBatcher` owns the waiting and
 
 API::
 
-    Priority.STAT, Priority.ROUTINE                          # lower value runs first
+    Priority.STAT, Priority.ROUTINE, Priority.SHADOW         # lower value runs first
     RequestHandle(request_id, num_items, future, priority=Priority.ROUTINE, deadline_s=None)
         .done / .expired(now_s) / .set_item_result(index, value) -> bool / .fail(exc) -> bool
     WorkItem(request, index, tensor)                         # enqueued_s is stamped by Scheduler.add
@@ -20,7 +20,8 @@ API::
 
 Semantics:
 
-* STAT items go before ROUTINE items; within a priority, items go in arrival order (FIFO), so the items
+* STAT items go before ROUTINE items, and both before SHADOW items (a shadow version's copy of a live read,
+  inference.serving.shadow); within a priority, items go in arrival order (FIFO), so the items
   of one request stay together and several requests share a batch when one does not fill it.
 * Items whose request is already done (completed, failed, cancelled) are dropped, never returned.
 * A request whose deadline (``time.monotonic()`` seconds) has passed gets :class:`DeadlineExceededError`
@@ -56,6 +57,7 @@ class Priority(enum.IntEnum):
 
     STAT = 0
     ROUTINE = 1
+    SHADOW = 2  # below all live work: a shadow version's comparison reads
 
 
 @dataclass(eq=False)  # identity semantics: a handle is hashable and two reads never compare equal
@@ -173,7 +175,7 @@ class Scheduler:
         self._size += n
 
     def next_batch(self, max_batch_size: int) -> list[WorkItem]:
-        """Up to ``max_batch_size`` items: STAT before ROUTINE, FIFO within a priority."""
+        """Up to ``max_batch_size`` items: STAT, then ROUTINE, then SHADOW; FIFO within a priority."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size!r}")
         self._sweep(time.monotonic())

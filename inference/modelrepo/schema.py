@@ -19,6 +19,7 @@ TASKS = ("detection", "segmentation")
 MODALITIES = ("CT", "MR", "CR", "DX")
 AUTOCAST = ("none", "bf16", "fp16")
 BACKENDS = ("torch", "triton")
+PROMOTE = ("auto", "manual")  # model.yaml `promote:` (README "Shadow and promote")
 # A network's `target` must live in one of these packages: model.yaml is data, not a way to run any code.
 # Network packages only: "monai." as a whole would admit e.g. monai.bundle.run, which evaluates a config file.
 ALLOWED_TARGET_PREFIXES = ("monai.networks.", "monai.apps.detection.networks.", "inference.networks.")
@@ -202,10 +203,17 @@ class ModelConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     autocast: str = "bf16"  # applies on CUDA only
     compile: bool = False  # torch.compile the network, warmed up before serving (CUDA only; server --compile: all)
+    # Read while the study arrives (docs/decisions.md, "Progressive reading"): patches are preprocessed and inferred
+    # as the slices covering them come in. Only for preprocessing that is voxel-local (see progressive_refusal).
+    progressive: bool = False
     # Where the network runs: "torch" (in the server) or "triton" (a Triton Inference Server); unset: the
     # server's --backend.
     backend: str | None = None
     description: str = ""
+    # "auto": once READY, the version takes default routing (the newest such version serves reads naming no
+    # version); "manual": it serves only reads naming it until `radserve models promote` (the promotion guard,
+    # inference.serving.promotion). The first version of a model takes default routing either way.
+    promote: str = "manual"
     directory: Path | None = field(default=None, compare=False)
     # Builds the bare network instead of network.target; set only by the MONAI bundle loader (never from
     # model.yaml), together with network.target == BUNDLE_NETWORK_TARGET.
@@ -223,10 +231,18 @@ class ModelConfig:
             raise ValueError("labels must name at least one class")
         if self.autocast not in AUTOCAST:
             raise ValueError(f"autocast must be one of {AUTOCAST}, got {self.autocast!r}")
+        if self.promote not in PROMOTE:
+            raise ValueError(f"promote must be one of {PROMOTE}, got {self.promote!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be true or false, got {self.compile!r}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.progressive, bool):
+            raise ValueError(f"progressive must be true or false, got {self.progressive!r}")
+        if self.progressive and self.progressive_refusal() is not None:
+            raise ValueError(
+                f"progressive: true, but this model cannot be read progressively: {self.progressive_refusal()}"
+            )
         if self.task == "detection" and self.detector is None:
             raise ValueError("a detection model needs a 'detector' section (anchor shapes)")
         if (self.network.target == BUNDLE_NETWORK_TARGET) != (self.network_factory is not None):
@@ -245,6 +261,22 @@ class ModelConfig:
                 f"inferer.roi_size {self.inferer.roi_size!r} and preprocessing.spacing_mm "
                 f"{self.preprocessing.spacing_mm!r} must have the same number of dimensions"
             )
+
+    def progressive_refusal(self) -> str | None:
+        """Why this model cannot be read while its study arrives (None: it can, if ``progressive`` says so).
+
+        A patch can be made from the slices covering it only when every step after the resampling is voxel-local.
+        """
+        pre = self.preprocessing
+        if len(self.inferer.roi_size) != 3:
+            return "a 2-D model reads one image: there is nothing to read before it is complete"
+        if self.task != "detection":
+            return f"a {self.task} model pads its patches with the study's minimum, known only at the end"
+        if pre.normalize != "window":
+            return f"preprocessing.normalize {pre.normalize!r} needs a statistic of the whole study"
+        if pre.bias_correction_degree:
+            return "the bias field is fitted to the whole study"
+        return None
 
     @property
     def weights_path(self) -> Path:

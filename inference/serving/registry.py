@@ -20,6 +20,7 @@ from inference.engine.runner import ModelRunner
 from inference.errors import BackendUnavailableError, InvalidInputError, ModalityMismatchError, ModelNotFoundError
 from inference.modelrepo.repository import VersionSource, discover, sources_at, version_key
 from inference.modelrepo.schema import MODALITIES, ModelConfig
+from inference.serving.promotion_routing import PromotionRouting
 from inference.serving.runners import build_runner
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,11 @@ UNLOADING = "UNLOADING"
 FROM_REPOSITORY = "repository"
 FROM_REQUEST = "request"
 _MAX_REASON_CHARS = 2000
+# Whether a READY version may take default routing (docs/decisions.md, "Shadow versions and promotion"): "auto"
+# (model.yaml `promote: auto`), "promoted" (by `radserve models promote`, or as the only version of its model),
+# "candidate" (`promote: manual`, not promoted: it serves only reads naming it), "demoted" (rolled back, or displaced
+# by the promotion of an older version).
+AUTO, PROMOTED, CANDIDATE, DEMOTED = "auto", "promoted", "candidate", "demoted"
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class VersionState:
     reason: str = ""  # FAILED: why; READY: a reload under way or failed (the previous load keeps serving)
     source: str = ""  # the directory it was loaded from
     weights_sha256: str = ""  # of the weights serving (READY, UNLOADING)
+    promotion: str = ""  # auto | promoted | candidate | demoted ("" when not READY)
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,23 @@ class _Entry:
         self.error = ""  # of the last load attempt that failed ("" after a success)
         self.signature: tuple | None = None  # of the files at the last load attempt
         self.digest: str | None = None  # of the files at the last load attempt
+        self.promoted = False  # by `radserve models promote` (or as its model's only version)
+        self.demoted = False  # by a rollback, or by the promotion of an older version
+
+    @property
+    def promotion(self) -> str:
+        """auto | promoted | candidate | demoted; "" while no runner serves."""
+        if self.serving is None:
+            return ""
+        if self.demoted:
+            return DEMOTED
+        if self.promoted:
+            return PROMOTED
+        return AUTO if self.serving.runner.config.promote == "auto" else CANDIDATE
+
+    @property
+    def in_default_routing(self) -> bool:
+        return self.promotion in (AUTO, PROMOTED)
 
     @property
     def name(self) -> str:
@@ -112,7 +136,7 @@ class _Entry:
         return ""
 
 
-class ModelRegistry:
+class ModelRegistry(PromotionRouting):
     """Model versions by name, their load states, and routing of reads.
 
     Loading (:meth:`load`) runs off the event loop, one load at a time; a version only enters routing once
@@ -166,7 +190,9 @@ class ModelRegistry:
         if warmup is not None:
             self.warmup = warmup
         self.repository = Path(root)
-        for source in await asyncio.to_thread(discover, root):
+        sources = await asyncio.to_thread(discover, root)
+        # Oldest first within a model: with `promote: manual` versions, the oldest takes default routing.
+        for source in sorted(sources, key=lambda s: (s.name, version_key(s.version))):
             if source.key not in self._unloaded:
                 await self.load(source, origin=FROM_REPOSITORY)
 
@@ -266,6 +292,7 @@ class ModelRegistry:
             old, entry.serving, entry.error = entry.serving, new, ""
             if old is not None:
                 self._retire(source.name, source.version, old)
+            self._ensure_default(source.name)
             logger.info(
                 "model %s %s (%s, %s, weights sha256 %s)",
                 key,
@@ -301,6 +328,8 @@ class ModelRegistry:
             removed.append(f"{name}:{v}")
         if not versions:
             del self._entries[name]
+        else:
+            self._ensure_default(name)
         logger.info("unloaded %s", ", ".join(removed))
         self._notify()
         return removed
@@ -350,7 +379,8 @@ class ModelRegistry:
         return [e for versions in self._entries.values() for e in versions.values()]
 
     def _newest_ready(self, name: str) -> _Entry | None:
-        ready = [e for e in self._entries.get(name, {}).values() if e.serving is not None]
+        """The version a read naming ``name`` and no version gets: the newest READY one in default routing."""
+        ready = [e for e in self._entries.get(name, {}).values() if e.in_default_routing]
         return max(ready, key=lambda e: version_key(e.version)) if ready else None
 
     def _route(self, name: str | None, version: str | None, modality: str) -> _Serving:
@@ -419,6 +449,7 @@ class ModelRegistry:
             entry.reason,
             str(entry.source.path),
             entry.serving.weights_sha256 if entry.serving is not None else "",
+            entry.promotion,
         )
 
     def list_models(self) -> list[ModelListing]:

@@ -77,6 +77,12 @@ class Task(ABC):
         """Split one batched network output into ``batch_size`` per-item results (small, on the CPU)."""
         raise NotImplementedError(f"{type(self).__name__} must implement split_outputs")
 
+    def slab_context(self, affine: Any, plan: Any) -> Any:
+        """The ``PreparedStudy.context`` of a progressive read (:mod:`inference.engine.progressive`), whose patches
+        were built slab by slab: ``affine`` maps the preprocessed grid to LPS mm, ``plan`` is its patch plan. Only
+        the tasks of models that can be read progressively (``ModelConfig.progressive_refusal``) define it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be read progressively (no slab_context)")
+
     @abstractmethod
     def finalize(self, volume: Volume, prepared: PreparedStudy, results: list[Any]) -> TaskResult:
         """Merge a study's per-item results into Findings in patient coordinates (and their masks, if any)."""

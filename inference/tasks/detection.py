@@ -73,6 +73,9 @@ class DetectionTask(Task):
             timing_ms={"preprocess": preprocess_ms, "patches": patches_ms},
         )
 
+    def slab_context(self, affine: np.ndarray, plan: PatchPlan) -> DetectionContext:
+        return DetectionContext(affine=affine, plan=plan)
+
     def split_outputs(self, outputs: object, batch_size: int) -> list[Detections]:
         detections = self.decoder(outputs, self.roi_size)
         if len(detections) != batch_size:

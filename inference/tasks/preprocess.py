@@ -37,11 +37,23 @@ class Preprocessed:
     affine: np.ndarray  # (4, 4): voxel index of `image` -> LPS mm
 
 
+# The input affine is rounded to this many decimals (mm) before MONAI sees it. MONAI's Spacing rounds the output
+# extent, and a study whose extent falls on a half voxel of the output (160 slices of 1.25 mm at 1.5 mm: 132.5) got
+# 133 or 134 slices depending on 1e-14 mm of floating-point noise in how its affine was computed; rounded, the same
+# geometry always gets the same grid, whether from the whole series or from its first slices (progressive reads).
+AFFINE_DECIMALS = 9
+
+
+def ras_affine(affine: np.ndarray) -> torch.Tensor:
+    """The LPS voxel -> mm ``affine`` as the RAS float64 tensor MONAI's transforms take, rounded (AFFINE_DECIMALS)."""
+    return torch.as_tensor(LPS_TO_RAS @ np.round(np.asarray(affine, dtype=np.float64), AFFINE_DECIMALS))
+
+
 def preprocess(volume: Volume, cfg: PreprocessConfig, device: torch.device | str = "cpu") -> Preprocessed:
     """Reorient to RAS axes, resample to ``cfg.spacing_mm`` (one fused resampling) and normalise intensities."""
     with device_work(device) as work:
         voxels = work.to_device(volume.voxels)
-        image = MetaTensor(voxels[None], affine=torch.as_tensor(LPS_TO_RAS @ volume.affine, dtype=torch.float64))
+        image = MetaTensor(voxels[None], affine=ras_affine(volume.affine))
         image = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), lazy=True)(image)
         image = Spacing(pixdim=cfg.spacing_mm, lazy=True, **_RESAMPLE)(image)
         image = apply_pending(image, overrides=_RESAMPLE)[0]

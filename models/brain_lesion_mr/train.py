@@ -103,6 +103,7 @@ MODEL_YAML: dict[str, Any] = {
     "postprocessing": {"score_threshold": 0.5, "min_volume_ml": 0.01, "min_size_mm": 0.0, "max_detections": 10},
     "batching": {"max_batch_size": 4, "max_queue_delay_ms": 5.0},
     "autocast": "bf16",
+    "promote": "auto",  # bundled versions take default routing once READY (docs/decisions.md)
 }
 
 

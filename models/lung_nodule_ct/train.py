@@ -112,6 +112,8 @@ MODEL_YAML: dict[str, Any] = {
     "postprocessing": {"score_threshold": 0.5, "nms_iou": 0.1, "min_size_mm": 3.0, "max_detections": 10},
     "batching": {"max_batch_size": 4, "max_queue_delay_ms": 5.0},
     "autocast": "bf16",
+    "promote": "auto",  # bundled versions take default routing once READY (docs/decisions.md)
+    "progressive": True,  # a fixed HU window: read while the study arrives (docs/decisions.md)
 }
 
 

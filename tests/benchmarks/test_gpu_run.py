@@ -141,3 +141,30 @@ def test_the_summary_fails_when_the_tests_left_no_report(tmp_path):
     args = ["--out", str(tmp_path), "--profile", "gpu", "--junit", str(tmp_path / "missing.xml")]
     assert gpu_summary.main([*args, "--compile", str(tmp_path / "none.json"), "--cuda", "1"]) == 3
     assert "no cuda test ran (no JUnit report" in (tmp_path / "gpu.md").read_text()
+
+
+def test_the_summary_folds_in_the_progressive_rows(tmp_path):
+    """benchmarks/progressive.py's JSON (left outside $OUT) becomes lines of the summary and a key of its report."""
+    row = {"payload_mb": 157.0, "after_last_byte_s": 0.5, "total_s": 16.2, "timing_ms": {}, "findings": []}
+    rows = {
+        "ct:512x512x300": [
+            {"mode": "full", "rate_mb_s": None, **row, "after_last_byte_s": 3.0},
+            {"mode": "progressive", "rate_mb_s": 10.0, **row, "ratio_vs_full": 0.5 / 3.0, "same_findings": True},
+        ]
+    }
+    (tmp_path / "progressive.json").write_text(json.dumps(rows))
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["--out", str(out), "--profile", "gpu", "--junit", str(_junit(tmp_path / "j.xml", 1, 0))]
+    args += [
+        "--compile",
+        str(tmp_path / "none.json"),
+        "--cuda",
+        "1",
+        "--progressive",
+        str(tmp_path / "progressive.json"),
+    ]
+    assert gpu_summary.main(args) == 0
+    assert json.loads((out / "gpu.json").read_text())["progressive"] == rows
+    text = (out / "gpu.md").read_text()
+    assert "ct:512x512x300 157 MB progressive    10 MB/s: after last byte 0.50 s" in text and "ratio 0.17" in text

@@ -52,6 +52,6 @@ The package, along the two passes: :mod:`~inference.io.dicom.series` (the reader
 """
 
 from inference.io.dicom.elements import hash_uid
-from inference.io.dicom.series import DicomSeriesReader, read_dicom_series
+from inference.io.dicom.series import DicomSeriesReader, read_dicom_file, read_dicom_header, read_dicom_series
 
-__all__ = ["DicomSeriesReader", "hash_uid", "read_dicom_series"]
+__all__ = ["DicomSeriesReader", "hash_uid", "read_dicom_file", "read_dicom_header", "read_dicom_series"]

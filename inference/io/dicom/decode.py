@@ -5,6 +5,7 @@ Part of :mod:`inference.io.dicom`, whose docstring states the reading policy.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,11 +62,23 @@ def _decode_into(
     formats: list[_PixelFormat],
     frames: list[_Frame],
     order: list[int],
+    decoded: Mapping[int, np.ndarray] | None = None,
 ) -> None:
-    """Decode the series one file at a time into ``voxels[:, :, k]``, rescaled, in slice order."""
+    """Decode the series one file at a time into ``voxels[:, :, k]``, rescaled, in slice order; a single-frame
+    file in ``decoded`` (its rescaled voxels, (columns, rows, 1)) is copied, not decoded again."""
     slot = {(frames[i].file_index, frames[i].frame_number): k for k, i in enumerate(order)}
     by_key = {(f.file_index, f.frame_number): f for f in frames}
+    decoded = decoded or {}
     for h, fmt in zip(series, formats, strict=True):
+        done = decoded.get(h.index)
+        if (
+            done is not None
+            and fmt.frames == 1
+            and not fmt.enhanced
+            and done.shape == (voxels.shape[0], voxels.shape[1], 1)
+        ):
+            voxels[:, :, slot[(h.index, None)]] = done[:, :, 0]
+            continue
         stored = _decode(h, files[h.index], fmt)
         low, high = fmt.stored_range
         for n in range(fmt.frames):

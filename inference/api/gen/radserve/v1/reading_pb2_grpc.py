@@ -59,6 +59,21 @@ class ReadingServiceStub:
                 request_serializer=radserve_dot_v1_dot_reading__pb2.UnloadModelRequest.SerializeToString,
                 response_deserializer=radserve_dot_v1_dot_reading__pb2.UnloadModelResponse.FromString,
                 _registered_method=True)
+        self.ShadowModel = channel.unary_unary(
+                '/radserve.v1.ReadingService/ShadowModel',
+                request_serializer=radserve_dot_v1_dot_reading__pb2.ShadowModelRequest.SerializeToString,
+                response_deserializer=radserve_dot_v1_dot_reading__pb2.ShadowModelResponse.FromString,
+                _registered_method=True)
+        self.PromoteModel = channel.unary_unary(
+                '/radserve.v1.ReadingService/PromoteModel',
+                request_serializer=radserve_dot_v1_dot_reading__pb2.PromoteModelRequest.SerializeToString,
+                response_deserializer=radserve_dot_v1_dot_reading__pb2.PromoteModelResponse.FromString,
+                _registered_method=True)
+        self.RollbackModel = channel.unary_unary(
+                '/radserve.v1.ReadingService/RollbackModel',
+                request_serializer=radserve_dot_v1_dot_reading__pb2.RollbackModelRequest.SerializeToString,
+                response_deserializer=radserve_dot_v1_dot_reading__pb2.RollbackModelResponse.FromString,
+                _registered_method=True)
 
 
 class ReadingServiceServicer:
@@ -122,6 +137,36 @@ class ReadingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShadowModel(self, request, context):
+        """Shadow, promotion and rollback, for operators like LoadModel (README "Shadow versions and promotion").
+        ShadowModel makes a READY version, not the one in default routing, the model's shadow: a fraction of the live
+        reads of the model's default version are read again by it below all live work, its findings never returned but
+        compared with the live answer (ModelVersion.shadow). fraction 0 ends it. NOT_FOUND: not READY; INVALID_ARGUMENT:
+        the version in default routing, or a fraction outside [0, 1].
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteModel(self, request, context):
+        """PromoteModel gives a READY version default routing, unless the promotion guard refuses: FAILED_PRECONDITION
+        with every reason (too few shadow reads compared, agreement below the floor, and the client's reasons: a
+        regression on the evaluation dataset configured for the model). force overrides the guard; the audit log
+        records it. check_only changes nothing and says what the guard needs (see PromoteModelRequest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackModel(self, request, context):
+        """RollbackModel takes the version in default routing out of it (it stays loaded, for reads naming it): the
+        previous version in default routing serves again. Reads in flight finish on the version they started with.
+        FAILED_PRECONDITION when no other version is in default routing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReadingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +194,21 @@ def add_ReadingServiceServicer_to_server(servicer, server):
                     servicer.UnloadModel,
                     request_deserializer=radserve_dot_v1_dot_reading__pb2.UnloadModelRequest.FromString,
                     response_serializer=radserve_dot_v1_dot_reading__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'ShadowModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShadowModel,
+                    request_deserializer=radserve_dot_v1_dot_reading__pb2.ShadowModelRequest.FromString,
+                    response_serializer=radserve_dot_v1_dot_reading__pb2.ShadowModelResponse.SerializeToString,
+            ),
+            'PromoteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteModel,
+                    request_deserializer=radserve_dot_v1_dot_reading__pb2.PromoteModelRequest.FromString,
+                    response_serializer=radserve_dot_v1_dot_reading__pb2.PromoteModelResponse.SerializeToString,
+            ),
+            'RollbackModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackModel,
+                    request_deserializer=radserve_dot_v1_dot_reading__pb2.RollbackModelRequest.FromString,
+                    response_serializer=radserve_dot_v1_dot_reading__pb2.RollbackModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -286,6 +346,87 @@ class ReadingService:
             '/radserve.v1.ReadingService/UnloadModel',
             radserve_dot_v1_dot_reading__pb2.UnloadModelRequest.SerializeToString,
             radserve_dot_v1_dot_reading__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShadowModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/radserve.v1.ReadingService/ShadowModel',
+            radserve_dot_v1_dot_reading__pb2.ShadowModelRequest.SerializeToString,
+            radserve_dot_v1_dot_reading__pb2.ShadowModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/radserve.v1.ReadingService/PromoteModel',
+            radserve_dot_v1_dot_reading__pb2.PromoteModelRequest.SerializeToString,
+            radserve_dot_v1_dot_reading__pb2.PromoteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/radserve.v1.ReadingService/RollbackModel',
+            radserve_dot_v1_dot_reading__pb2.RollbackModelRequest.SerializeToString,
+            radserve_dot_v1_dot_reading__pb2.RollbackModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,139 @@
+"""End to end: a study read while it arrives gives the whole-study read's findings (issue #15).
+
+The real server and the bundled models on small phantoms. The CT model reads progressively (model.yaml
+``progressive: true``): with ``expected_instances`` its patches are preprocessed and inferred as their slices arrive,
+in order, reversed or shuffled; the MR model cannot (a whole-volume z-score and bias field) and reads the same
+upload as a whole study. Either way the findings must equal the whole-study read's: same count and labels, centers
+within 0.1 mm, scores within 1e-4; and the CT reads must find the planted nodules.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+grpc = pytest.importorskip("grpc")
+
+from benchmarks.progressive import Throttle, same_findings  # noqa: E402
+from inference.api.gen.radserve.v1 import reading_pb2 as pb  # noqa: E402
+from inference.api.gen.radserve.v1 import reading_pb2_grpc as pb_grpc  # noqa: E402
+from inference.client import MAX_MESSAGE_BYTES, iter_requests  # noqa: E402
+from inference.phantoms import make_brain_mr, make_chest_ct, write_dicom_series  # noqa: E402
+
+MATCH_MM = 5.0
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    options = [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
+    with grpc.insecure_channel(server.target, options=options) as channel:
+        yield pb_grpc.ReadingServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def ct_study(tmp_path_factory):
+    """96 x 96 x 100 slices of 1.5 x 1.5 x 2 mm: a preprocessed grid of two patch rows along the slices."""
+    rng = np.random.default_rng(15)
+    phantom = make_chest_ct(
+        rng, shape=(96, 96, 100), pixel_spacing_mm=1.5, slice_spacing_mm=2.0, n_nodules=2, nodule_diameters_mm=(14, 20)
+    )
+    files = write_dicom_series(phantom, tmp_path_factory.mktemp("ct"))
+    return phantom, [f.read_bytes() for f in files]
+
+
+def read(stub, files: list[bytes], order, *, model: str, expected: int | None = None, rate: float | None = None):
+    header = pb.ReadHeader(model=model, payload=pb.DICOM_FILES)
+    if expected is not None:
+        header.expected_instances = expected
+    requests = list(iter_requests(header, [files[i] for i in order], chunk_bytes=256 * 1024))
+    response = stub.Read(iter(Throttle(requests, rate)), timeout=300)
+    findings = [{"label": f.label, "score": f.score, "center_mm": list(f.center_mm)} for f in response.findings]
+    return findings, dict(response.timing_ms)
+
+
+@pytest.fixture(scope="module")
+def ct_whole(stub, ct_study):
+    _, files = ct_study
+    findings, timing = read(stub, files, range(len(files)), model="lung_nodule_ct")
+    assert "patches_before_upload_end" not in timing  # no expected_instances: the whole-study path
+    return findings
+
+
+def test_whole_study_read_finds_the_planted_nodules(ct_study, ct_whole):
+    phantom, _ = ct_study
+    assert ct_whole, "no findings"
+    for lesion in phantom.lesions:
+        distance = min(np.linalg.norm(np.subtract(f["center_mm"], lesion.center_mm)) for f in ct_whole)
+        assert distance <= MATCH_MM, (lesion, ct_whole)
+
+
+@pytest.mark.parametrize("order", ["in-order", "reversed", "shuffled"])
+def test_progressive_ct_read_gives_the_whole_study_findings(stub, ct_study, ct_whole, order):
+    _, files = ct_study
+    indices = list(range(len(files)))
+    if order == "reversed":
+        indices.reverse()
+    elif order == "shuffled":
+        np.random.default_rng(7).shuffle(indices)
+    findings, timing = read(stub, files, indices, model="lung_nodule_ct", expected=len(files))
+    assert "patches_before_upload_end" in timing, timing  # the slab path answered
+    assert same_findings(findings, ct_whole), (findings, ct_whole)
+
+
+def test_patches_run_while_the_upload_goes_on(stub, ct_study, ct_whole):
+    """At 2 MB/s (a second for this study) the first patch row is inferred before the last slice arrives."""
+    _, files = ct_study
+    findings, timing = read(stub, files, range(len(files)), model="lung_nodule_ct", expected=len(files), rate=2e6)
+    assert timing["patches_before_upload_end"] >= 1, timing
+    assert same_findings(findings, ct_whole)
+
+
+def test_a_wrong_instance_count_falls_back_to_the_whole_study_answer(stub, ct_study, ct_whole):
+    _, files = ct_study
+    findings, timing = read(stub, files, range(len(files)), model="lung_nodule_ct", expected=len(files) + 4)
+    assert "patches_before_upload_end" not in timing, timing
+    assert same_findings(findings, ct_whole)
+
+
+def test_series_checks_keep_their_status(stub, ct_study):
+    """A missing slice is the whole-study read's INVALID_ARGUMENT, with the same message."""
+    _, files = ct_study
+    order = [i for i in range(len(files)) if i != 40]
+    messages = []
+    for expected in (None, len(files)):
+        with pytest.raises(grpc.RpcError) as caught:
+            read(stub, files, order, model="lung_nodule_ct", expected=expected)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        messages.append(caught.value.details())
+    assert "missing" in messages[0] and messages[0] == messages[1]
+
+
+def test_expected_instances_out_of_range_is_invalid_argument(stub, ct_study):
+    _, files = ct_study
+    with pytest.raises(grpc.RpcError) as caught:
+        read(stub, files[:3], range(3), model="lung_nodule_ct", expected=0)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "header.expected_instances" in caught.value.details()
+
+
+def test_a_model_that_cannot_read_progressively_answers_as_a_whole_study(stub, tmp_path):
+    phantom = make_brain_mr(
+        np.random.default_rng(3),
+        shape=(96, 96, 48),
+        pixel_spacing_mm=2.0,
+        slice_spacing_mm=2.5,
+        n_lesions=1,
+        lesion_diameters_mm=(24.0,),
+    )
+    files = [f.read_bytes() for f in write_dicom_series(phantom, tmp_path)]
+    whole, _ = read(stub, files, range(len(files)), model="brain_lesion_mr")
+    (lesion,) = phantom.lesions
+    assert any(np.linalg.norm(np.subtract(f["center_mm"], lesion.center_mm)) <= MATCH_MM for f in whole), whole
+    shuffled = list(range(len(files)))
+    np.random.default_rng(1).shuffle(shuffled)
+    findings, timing = read(stub, files, shuffled, model="brain_lesion_mr", expected=len(files))
+    assert "patches_before_upload_end" not in timing
+    assert same_findings(findings, whole), (findings, whole)
