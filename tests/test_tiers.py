@@ -33,8 +33,11 @@ def test_an_unmarked_test_that_starts_the_server_in_process_fails():
     from inference.api.server import RadserveServer
     from inference.config import ServerConfig
 
+    async def start() -> None:  # built inside the loop, as grpc.aio asks
+        await RadserveServer(ServerConfig(port=0, metrics_port=0)).start()
+
     with pytest.raises(pytest.fail.Exception, match="without the `server` marker"):
-        asyncio.run(RadserveServer(ServerConfig(port=0, metrics_port=0)).start())
+        asyncio.run(start())
 
 
 def test_an_unmarked_test_that_spawns_a_server_fails(tmp_path):
