@@ -138,10 +138,20 @@ def build_segmentation(
         **extra,
     )
     add_algorithm_equipment(seg, algorithm)
+    _set_dimension_organization_uid(seg, uids.dimension_organization(SEG))
     if is_projection(volume):  # Type 2C in General Image without a plane orientation; allowed with one
         seg.PatientOrientation = patient_orientation(ordered[0])
     logger.debug("built SEG with %d segment(s), %d frame(s) with findings", len(descriptions), frames.shape[0])
     return seg
+
+
+def _set_dimension_organization_uid(seg: Dataset, uid: str) -> None:
+    """highdicom draws the DimensionOrganizationUID at random; a redelivered SEG must carry the same UIDs."""
+    drawn = seg.DimensionOrganizationSequence[0].DimensionOrganizationUID
+    seg.DimensionOrganizationSequence[0].DimensionOrganizationUID = uid
+    for index in seg.DimensionIndexSequence:
+        if index.get("DimensionOrganizationUID") == drawn:
+            index.DimensionOrganizationUID = uid
 
 
 def _frames(

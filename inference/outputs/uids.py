@@ -117,6 +117,10 @@ class DerivedUids:
         """SOPInstanceUID of the ``kind`` object."""
         return derive_uid(*self._parts, kind, "instance")
 
+    def dimension_organization(self, kind: str) -> str:
+        """DimensionOrganizationUID of the ``kind`` object's multi-frame dimensions (the SEG's)."""
+        return derive_uid(*self._parts, kind, "dimension-organization")
+
     def tracking(self, number: int) -> str:
         """Tracking Unique Identifier of finding ``number`` (1-based), shared by the SR group and the SEG segment."""
         return derive_uid(*self._parts, FINDING, str(int(number)))

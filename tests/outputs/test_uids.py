@@ -78,6 +78,13 @@ def test_uids_derive_from_source_model_and_kind(ct_study):
     assert device_uid("m", "1", "") == derive_uid("device", "m", "1", "") != device_uid("m", "2", "")
 
 
+def every_uid(ds: pydicom.Dataset) -> list[tuple[str, str]]:
+    """(keyword, value) of every UI element of ``ds`` and its sequences, in order."""
+    found: list[tuple[str, str]] = []
+    ds.walk(lambda _, element: found.append((element.keyword, str(element.value))) if element.VR == "UI" else None)
+    return found
+
+
 def test_sr_and_seg_built_twice_carry_the_same_derived_uids(ct_study):
     volume, findings = ct_study.volume, ct_study.findings
     uids = DerivedUids.for_volume(volume, **MODEL)
@@ -91,6 +98,10 @@ def test_sr_and_seg_built_twice_carry_the_same_derived_uids(ct_study):
     (sr, seg), (sr_again, seg_again) = build(), build()
     for first, second in ((sr, sr_again), (seg, seg_again)):
         assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (second.SOPInstanceUID, second.SeriesInstanceUID)
+        assert every_uid(first) == every_uid(second)  # none drawn at random, nested ones included
+    dimension_uids = {item.DimensionOrganizationUID for item in seg.DimensionIndexSequence}
+    assert dimension_uids == {seg.DimensionOrganizationSequence[0].DimensionOrganizationUID}
+    assert dimension_uids == {uids.dimension_organization(SEG)}
     assert (sr.SOPInstanceUID, sr.SeriesInstanceUID) == (uids.instance(SR), uids.series(SR))
     assert (seg.SOPInstanceUID, seg.SeriesInstanceUID) == (uids.instance(SEG), uids.series(SEG))
     groups = hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_planar_roi_measurement_groups()
