@@ -12,6 +12,11 @@ A read passes three gates (docs/decisions.md, "Admission: uploads apart from com
    when none is free) and the read's estimated peak memory (:func:`estimate_peak_bytes`) from the memory budget. A
    read that does not fit now waits, in order, until it fits or its deadline (or ``max_admission_wait_s``) passes
    (UNAVAILABLE); one larger than the whole budget gets RESOURCE_EXHAUSTED at once.
+   A read that computes while its upload goes on (a progressive read, :mod:`inference.api.progressive`) takes its
+   slot and memory early, and holds them for as long as its client takes to upload: it gets them only when they are
+   free at once, within :data:`PROGRESSIVE_SHARE` of the slots and of the budget and without overtaking a read that
+   waits for memory (:meth:`Admission.compute_while_uploading`); otherwise it computes after its upload, here. So
+   slow uploaders can never hold the slots that finished uploads need.
 3. Before anything is built for the model: the preprocessed grid against ``InputLimits.max_grid_voxels`` and the
    study against the model's declared minimum input (FAILED_PRECONDITION), see :func:`check_for_model`.
 """
@@ -47,6 +52,9 @@ GIB = 1024**3
 GRID_BYTES_PER_VOXEL = 32
 INPUT_BYTES_PER_VOXEL = 12
 BASE_READ_BYTES = 16 * 1024**2  # per read, whatever its size: buffers, findings, the response
+# The part of the compute slots (rounded down) and of the memory budget that reads computing while they upload may
+# hold: the rest stays for reads whose upload has ended.
+PROGRESSIVE_SHARE = 0.5
 
 
 def machine_memory_bytes() -> int:
@@ -118,6 +126,11 @@ class MemoryBudget:
             self._wake()
             raise
 
+    @property
+    def waiting(self) -> bool:
+        """Whether a read is waiting for memory."""
+        return any(not future.done() for _, future in self._waiters)
+
     def try_reserve(self, size: int) -> bool:
         """Reserve ``size`` bytes now if they fit (uploads, which cannot wait mid-stream); False if not."""
         if self.reserved_bytes + size > self.total_bytes:
@@ -147,6 +160,8 @@ class Admission:
         self.memory = MemoryBudget(config.memory_budget_bytes)
         self.uploading = 0
         self.computing = 0
+        self.computing_while_uploading = 0
+        self.bytes_while_uploading = 0
         self.by_client: Counter[str] = Counter()
         self.draining = False
 
@@ -211,6 +226,33 @@ class Admission:
             finally:
                 self.memory.release(peak_bytes)
         finally:
+            self.computing -= 1
+
+    @contextlib.contextmanager
+    def compute_while_uploading(self, peak_bytes: int) -> Iterator[bool]:
+        """Gate 2 for a read that computes while its upload goes on: a compute slot and ``peak_bytes`` of the budget
+        if they are free now, within :data:`PROGRESSIVE_SHARE` of each and behind any read waiting for memory.
+        Yields whether they were granted; a read refused goes on receiving and passes :meth:`compute` afterwards."""
+        config = self.config
+        granted = (
+            self.computing < config.max_in_flight
+            and self.computing_while_uploading < int(config.max_in_flight * PROGRESSIVE_SHARE)
+            and self.bytes_while_uploading + peak_bytes <= self.memory.total_bytes * PROGRESSIVE_SHARE
+            and not self.memory.waiting
+            and self.memory.try_reserve(peak_bytes)
+        )
+        if not granted:
+            yield False
+            return
+        self.computing += 1
+        self.computing_while_uploading += 1
+        self.bytes_while_uploading += peak_bytes
+        try:
+            yield True
+        finally:
+            self.memory.release(peak_bytes)
+            self.bytes_while_uploading -= peak_bytes
+            self.computing_while_uploading -= 1
             self.computing -= 1
 
 

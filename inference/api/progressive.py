@@ -224,9 +224,13 @@ def start_progressive(
             without_voxels(first), voxels=np.broadcast_to(np.float32(0), grid.shape), affine=grid.affine
         )
         check_for_model(stand_in, runner.config, limits)
-        await progressive.stack.enter_async_context(
-            admission.compute(estimate_peak_bytes(stand_in, runner.config), deadline_s)
-        )
+        if not progressive.stack.enter_context(
+            admission.compute_while_uploading(estimate_peak_bytes(stand_in, runner.config))
+        ):
+            logger.info(
+                "request %s: no compute share free while uploading; the read computes after its upload", request_id
+            )
+            return None
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             io_executor,

@@ -216,6 +216,41 @@ def test_memory_admission_waits_in_order_refuses_what_never_fits_and_times_out()
     asyncio.run(scenario())
 
 
+def test_reads_computing_while_they_upload_get_at_most_half_the_slots_and_memory_and_never_wait():
+    async def scenario():
+        admission = Admission(AdmissionConfig(max_in_flight=4, memory_budget_bytes=1000, max_admission_wait_s=1))
+        with (
+            admission.compute_while_uploading(100) as a,
+            admission.compute_while_uploading(100) as b,
+            admission.compute_while_uploading(100) as c,  # a third would hold more than half the slots
+        ):
+            assert (a, b, c) == (True, True, False)
+            assert admission.computing == 2 and admission.memory.reserved_bytes == 200
+            with admission.upload():  # a finished upload still finds slots
+                async with admission.compute(100, None):
+                    assert admission.computing == 3
+        assert admission.computing == 0 and admission.memory.reserved_bytes == 0
+        with admission.compute_while_uploading(501) as over_half:
+            assert not over_half and admission.memory.reserved_bytes == 0
+        blocker = asyncio.ensure_future(_hold(admission, 900, 0.3))
+        await asyncio.sleep(0.05)
+        waiter = asyncio.ensure_future(_hold(admission, 200, 0.0))  # waits for the blocker's memory
+        await asyncio.sleep(0.05)
+        with admission.compute_while_uploading(50) as overtaking:  # would fit, but a read is waiting
+            assert not overtaking
+        await asyncio.gather(blocker, waiter)
+        one_slot = Admission(AdmissionConfig(max_in_flight=1, memory_budget_bytes=1000))
+        with one_slot.compute_while_uploading(1) as granted:  # half of one slot is none
+            assert not granted
+
+    asyncio.run(scenario())
+
+
+async def _hold(admission: Admission, size: int, hold_s: float) -> None:
+    async with admission.compute(size, None):
+        await asyncio.sleep(hold_s)
+
+
 def test_a_budget_of_one_byte_is_the_smallest():
     with pytest.raises(ValueError, match="memory budget must be >= 1 byte"):
         MemoryBudget(0)

@@ -154,6 +154,53 @@ def test_an_upload_that_stalls_after_its_first_chunk_ends_at_the_minimum_rate(se
     assert time.monotonic() - start < 15
 
 
+class TricklingUpload:
+    """A progressive Read (lung_nodule_ct, ``expected_instances``) that sends one 128 x 128 slice every 0.25 s,
+    above the minimum rate: its grid is fixed after two slices, and it would take 15 s to finish."""
+
+    def __init__(self, stub, files: list[bytes]) -> None:
+        self.stop = threading.Event()  # send no more slices
+        self.cancelled = threading.Event()  # the call is cancelled: the generator may end
+
+        def requests():
+            header = pb.ReadHeader(model="lung_nodule_ct", payload=pb.DICOM_FILES, expected_instances=len(files))
+            yield pb.ReadRequest(header=header)
+            for index, data in enumerate(files):
+                yield pb.ReadRequest(chunk=pb.Chunk(file_index=index, data=data))
+                if self.stop.wait(0.25):
+                    break
+            self.cancelled.wait(60)  # the stream stays open until the call is cancelled
+
+        self.future = stub.Read.future(requests(), timeout=60)
+
+
+def test_slow_progressive_uploads_take_at_most_half_the_compute_slots(server, client, valid, tmp_path):
+    """A read that computes while it uploads holds its compute slot until its client has sent everything; two slow
+    ones must not take both slots of this server (then every other upload would get UNAVAILABLE)."""
+    phantom = make_chest_ct(5, shape=(128, 128, 60), pixel_spacing_mm=1.5, slice_spacing_mm=2.5, n_nodules=1)
+    files = [path.read_bytes() for path in write_dicom_series(phantom, tmp_path)]
+    channel = grpc.insecure_channel(server.target)
+    uploads = [TricklingUpload(pb_grpc.ReadingServiceStub(channel), files) for _ in range(2)]
+    try:
+        time.sleep(2.0)  # both grids fixed, the slab reads asked for their slots
+        code, details = status_of(lambda: read_valid(client, valid))
+        assert code == grpc.StatusCode.OK, details
+        assert all(not upload.future.done() for upload in uploads), "the uploads ended before the valid read"
+    finally:
+        for upload in uploads:
+            upload.stop.set()
+            upload.future.cancel()
+            upload.cancelled.set()
+        channel.close()
+    assert "no compute share free while uploading" in server.log_path.read_text()
+    for _ in range(50):  # the cancelled reads give their slots back (cancellation reaches the server in a moment)
+        code, details = status_of(lambda: read_valid(client, valid))
+        if code != grpc.StatusCode.UNAVAILABLE:
+            break
+        time.sleep(0.2)
+    assert code == grpc.StatusCode.OK, details
+
+
 # -- defects 3 and 4 ---------------------------------------------------------------------------------------------
 
 
