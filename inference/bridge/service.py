@@ -406,6 +406,8 @@ class Bridge:
             row.priority_name,
             request_id,
         )
+        # All of the chosen series' instances: a model that reads progressively starts on its slabs as they upload.
+        expected = {"expected_instances": len(files)} if files else {}
         begun = time.monotonic()
         answer = self.client.read_streamed(
             files,
@@ -415,6 +417,7 @@ class Bridge:
             series_instance_uid=choice.series_uid,
             outputs=[pb.FINDINGS, pb.DICOM_SR, pb.DICOM_SEG],
             timeout_s=self.config.read_timeout_s,
+            **expected,
         )
         stages["read"] += time.monotonic() - begun
         stages["server"] += answer.timing_ms.get("total", 0.0) / 1000.0

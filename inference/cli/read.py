@@ -127,6 +127,10 @@ def read_study(args: argparse.Namespace) -> int:
     header_fields: dict[str, Any] = {}
     if args.series:
         header_fields["series_instance_uid"] = args.series
+    elif kind == pb.DICOM_FILES and len(files) >= 2:
+        # One series' files (the usual upload): a model that reads progressively starts on its slabs while the
+        # rest uploads. A wrong count costs only that head start: the server checks it and reads the whole study.
+        header_fields["expected_instances"] = len(files)
     outputs += [pb.FHIR] * (args.fhir is not None)
     client = client_of(args)
     # DICOM outputs come through ReadStreamed, in checked chunks, so that a SEG of any size arrives.

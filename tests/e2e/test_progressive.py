@@ -9,6 +9,8 @@ within 0.1 mm, scores within 1e-4; and the CT reads must find the planted nodule
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -17,6 +19,7 @@ grpc = pytest.importorskip("grpc")
 from benchmarks.progressive import Throttle, same_findings  # noqa: E402
 from inference.api.gen.radserve.v1 import reading_pb2 as pb  # noqa: E402
 from inference.api.gen.radserve.v1 import reading_pb2_grpc as pb_grpc  # noqa: E402
+from inference.cli import main as cli_main  # noqa: E402
 from inference.client import MAX_MESSAGE_BYTES, iter_requests  # noqa: E402
 from inference.phantoms import make_brain_mr, make_chest_ct, write_dicom_series  # noqa: E402
 
@@ -40,8 +43,9 @@ def ct_study(tmp_path_factory):
     phantom = make_chest_ct(
         rng, shape=(96, 96, 100), pixel_spacing_mm=1.5, slice_spacing_mm=2.0, n_nodules=2, nodule_diameters_mm=(14, 20)
     )
-    files = write_dicom_series(phantom, tmp_path_factory.mktemp("ct"))
-    return phantom, [f.read_bytes() for f in files]
+    folder = tmp_path_factory.mktemp("ct")
+    files = write_dicom_series(phantom, folder)
+    return phantom, [f.read_bytes() for f in files], folder
 
 
 def read(stub, files: list[bytes], order, *, model: str, expected: int | None = None, rate: float | None = None):
@@ -56,14 +60,14 @@ def read(stub, files: list[bytes], order, *, model: str, expected: int | None = 
 
 @pytest.fixture(scope="module")
 def ct_whole(stub, ct_study):
-    _, files = ct_study
+    _, files, _ = ct_study
     findings, timing = read(stub, files, range(len(files)), model="lung_nodule_ct")
     assert "patches_before_upload_end" not in timing  # no expected_instances: the whole-study path
     return findings
 
 
 def test_whole_study_read_finds_the_planted_nodules(ct_study, ct_whole):
-    phantom, _ = ct_study
+    phantom, _, _ = ct_study
     assert ct_whole, "no findings"
     for lesion in phantom.lesions:
         distance = min(np.linalg.norm(np.subtract(f["center_mm"], lesion.center_mm)) for f in ct_whole)
@@ -72,7 +76,7 @@ def test_whole_study_read_finds_the_planted_nodules(ct_study, ct_whole):
 
 @pytest.mark.parametrize("order", ["in-order", "reversed", "shuffled"])
 def test_progressive_ct_read_gives_the_whole_study_findings(stub, ct_study, ct_whole, order):
-    _, files = ct_study
+    _, files, _ = ct_study
     indices = list(range(len(files)))
     if order == "reversed":
         indices.reverse()
@@ -85,14 +89,24 @@ def test_progressive_ct_read_gives_the_whole_study_findings(stub, ct_study, ct_w
 
 def test_patches_run_while_the_upload_goes_on(stub, ct_study, ct_whole):
     """At 2 MB/s (a second for this study) the first patch row is inferred before the last slice arrives."""
-    _, files = ct_study
+    _, files, _ = ct_study
     findings, timing = read(stub, files, range(len(files)), model="lung_nodule_ct", expected=len(files), rate=2e6)
     assert timing["patches_before_upload_end"] >= 1, timing
     assert same_findings(findings, ct_whole)
 
 
+def test_radserve_read_declares_the_instance_count(server, ct_study, ct_whole, capsys):
+    """`radserve read` of a series' folder sends its file count, so the CT model's slab path answers."""
+    _, _, folder = ct_study
+    args = ["read", str(folder), "--model", "lung_nodule_ct", "--format", "json", "--server", server.target]
+    assert cli_main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "patches_before_upload_end" in result["timing_ms"], result["timing_ms"]
+    assert same_findings(result["findings"], ct_whole), (result["findings"], ct_whole)
+
+
 def test_a_wrong_instance_count_falls_back_to_the_whole_study_answer(stub, ct_study, ct_whole):
-    _, files = ct_study
+    _, files, _ = ct_study
     findings, timing = read(stub, files, range(len(files)), model="lung_nodule_ct", expected=len(files) + 4)
     assert "patches_before_upload_end" not in timing, timing
     assert same_findings(findings, ct_whole)
@@ -100,7 +114,7 @@ def test_a_wrong_instance_count_falls_back_to_the_whole_study_answer(stub, ct_st
 
 def test_series_checks_keep_their_status(stub, ct_study):
     """A missing slice is the whole-study read's INVALID_ARGUMENT, with the same message."""
-    _, files = ct_study
+    _, files, _ = ct_study
     order = [i for i in range(len(files)) if i != 40]
     messages = []
     for expected in (None, len(files)):
@@ -112,7 +126,7 @@ def test_series_checks_keep_their_status(stub, ct_study):
 
 
 def test_expected_instances_out_of_range_is_invalid_argument(stub, ct_study):
-    _, files = ct_study
+    _, files, _ = ct_study
     with pytest.raises(grpc.RpcError) as caught:
         read(stub, files[:3], range(3), model="lung_nodule_ct", expected=0)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
