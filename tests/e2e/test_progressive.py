@@ -21,7 +21,13 @@ from inference.api.gen.radserve.v1 import reading_pb2 as pb  # noqa: E402
 from inference.api.gen.radserve.v1 import reading_pb2_grpc as pb_grpc  # noqa: E402
 from inference.cli import main as cli_main  # noqa: E402
 from inference.client import MAX_MESSAGE_BYTES, iter_requests  # noqa: E402
-from inference.phantoms import make_brain_mr, make_chest_ct, write_dicom_series  # noqa: E402
+from inference.phantoms import (  # noqa: E402
+    make_brain_mr,
+    make_chest_ct,
+    make_chest_xray,
+    write_dicom_series,
+    write_xray_dicom,
+)
 
 MATCH_MM = 5.0
 
@@ -149,5 +155,19 @@ def test_a_model_that_cannot_read_progressively_answers_as_a_whole_study(stub, t
     shuffled = list(range(len(files)))
     np.random.default_rng(1).shuffle(shuffled)
     findings, timing = read(stub, files, shuffled, model="brain_lesion_mr", expected=len(files))
+    assert "patches_before_upload_end" not in timing
+    assert same_findings(findings, whole), (findings, whole)
+
+
+def test_an_xray_declaring_its_one_instance_answers_as_without(stub, tmp_path):
+    """A projection X-ray is one image: declared or not, it is read whole, and the answer is the same."""
+    phantom = make_chest_xray(
+        np.random.default_rng(4242), size_px=(512, 512), pixel_spacing_mm=0.6, opacity_diameters_mm=(30.0,)
+    )
+    write_xray_dicom(phantom, tmp_path / "dx.dcm")
+    files = [(tmp_path / "dx.dcm").read_bytes()]
+    whole, _ = read(stub, files, [0], model="chest_xray")
+    assert whole, "no findings"
+    findings, timing = read(stub, files, [0], model="chest_xray", expected=1)
     assert "patches_before_upload_end" not in timing
     assert same_findings(findings, whole), (findings, whole)
