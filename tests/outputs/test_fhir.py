@@ -6,7 +6,6 @@ import copy
 import datetime
 import json
 
-import pydantic
 import pytest
 
 from inference.io.volume import Volume
@@ -15,7 +14,9 @@ from inference.outputs.fhir import build_fhir_report, encode_fhir, uuid_of
 from inference.outputs.regions import finding_masks
 from inference.outputs.uids import SR, DerivedUids
 
-# A development dependency (requirements.txt), not on the GPU machine: the module skips there.
+# Development dependencies (requirements.txt, and pydantic through fhir.resources), not on the GPU machine: the
+# module skips there.
+pydantic = pytest.importorskip("pydantic")
 Bundle = pytest.importorskip("fhir.resources.R4B.bundle").Bundle
 
 ALGORITHM = Algorithm("lung_nodule_ct", "1.2.0", "ab" * 32)
