@@ -2,7 +2,8 @@
 
 N client threads send reads until ``duration_s`` or ``max_reads`` (:data:`MIX` gives the shares): valid studies
 of every modality the server reads (small chest CT phantoms with planted nodules as raw arrays and as a DICOM
-series, brain MR and chest X-ray phantoms as DICOM), malformed ones each with its expected status (not DICOM and a
+series, the same series shuffled and declaring ``expected_instances`` (a progressive read), brain MR and chest X-ray
+phantoms as DICOM), malformed ones each with its expected status (not DICOM and a
 raw array of the wrong size -> INVALID_ARGUMENT, an unknown model -> NOT_FOUND), the hostile classes of issue #12
 (a deflated file padded after its stream, an upload that sends its header and nothing else, implausible spacing and
 rescale values, an unknown payload kind, a TransferSyntaxUID forging a log line, a tiny upload that would resample
@@ -53,8 +54,9 @@ SHORT_DEADLINE_S = 0.05
 READ_TIMEOUT_S = 300.0
 # kind -> share of the reads; the expected status of each kind is in Case.expected.
 MIX = {
-    "valid_raw": 0.32,
+    "valid_raw": 0.25,
     "valid_dicom": 0.14,
+    "progressive_dicom": 0.07,  # the DICOM CT shuffled, declaring expected_instances: read by slab as it arrives
     "valid_mr": 0.07,
     "valid_dx": 0.07,
     "not_dicom": 0.03,
@@ -200,6 +202,11 @@ def build_cases(seed: int = 0, models: set[str] | None = None) -> dict[str, list
                 series = tuple(Path(f).read_bytes() for f in files)
             cases["valid_dicom"].append(
                 Case("valid_dicom", series, pb.DICOM_FILES, {"model": "lung_nodule_ct"}, frozenset({"OK"}), truth)
+            )
+            shuffled = tuple(series[j] for j in np.random.default_rng(seed * 100 + i).permutation(len(series)))
+            progressive = {"model": "lung_nodule_ct", "expected_instances": len(series)}
+            cases["progressive_dicom"].append(
+                Case("progressive_dicom", shuffled, pb.DICOM_FILES, progressive, frozenset({"OK"}), truth)
             )
     junk = b"this is not a DICOM file\n" * 400
     cases["not_dicom"].append(Case("not_dicom", (junk,), pb.DICOM_FILES, {}, frozenset({"INVALID_ARGUMENT"})))

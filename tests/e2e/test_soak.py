@@ -32,7 +32,7 @@ def test_a_short_soak_loses_no_read_and_the_server_neither_restarts_nor_leaks(tm
     summary = result.stdout
     assert "no violations" in summary
     # The first reads go through every kind once, each with its expected status.
-    assert "valid_raw" in summary and "valid_dicom" in summary
+    assert "valid_raw" in summary and "valid_dicom" in summary and "progressive_dicom" in summary
     assert "not_dicom" in summary and "INVALID_ARGUMENT" in summary
     assert "unknown_model" in summary and "NOT_FOUND" in summary
     assert "short_deadline" in summary
