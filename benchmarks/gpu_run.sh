@@ -161,8 +161,9 @@ if (( dry_run )); then
 else
   left=$(( $(budget_left) - RESERVE_S - KILL_GRACE_S - 60 ))
   cap=$(( left < 120 ? left : 120 ))
+  # --ct-spacing 0.7,1.0: the benchmark's CT 512x512x300, already written in the cache
   step "progressive" "$cap" "$PY" -m benchmarks.progressive --studies ct:512x512x300 --rates 10 50 \
-    --device cuda --cache "$BENCH_CACHE" --json "$WORK/progressive.json"
+    --ct-spacing 0.7,1.0 --device cuda --cache "$BENCH_CACHE" --json "$WORK/progressive.json"
 fi
 
 # 4. The torch.compile check (on the CPU: the smallest model at batch 2, to rehearse the step).

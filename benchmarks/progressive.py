@@ -23,7 +23,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +95,16 @@ def same_findings(a: list[dict], b: list[dict]) -> bool:
     )
 
 
-def measure(stub: Any, files: Sequence[Path], model: str, rates: Sequence[float], repeats: int = 1) -> list[dict]:
-    """Rows for one study: full speed, then per rate progressive and decode-only (the best of ``repeats`` each)."""
+def measure(
+    stub: Any,
+    files: Sequence[Path],
+    model: str,
+    rates: Sequence[float],
+    repeats: int = 1,
+    on_row: Callable[[list[dict]], None] | None = None,
+) -> list[dict]:
+    """Rows for one study: full speed, then per rate progressive and decode-only (the best of ``repeats`` each).
+    ``on_row(rows)`` is called after each row (the GPU run keeps what a step cut short had measured)."""
     with_count = study_requests(files, model, len(files))
     without = study_requests(files, model, None)
     payload_mb = sum(len(r.chunk.data) for r in without if r.WhichOneof("kind") == "chunk") / MB
@@ -108,12 +116,16 @@ def measure(stub: Any, files: Sequence[Path], model: str, rates: Sequence[float]
 
     full = best(without, None)
     rows = [{"mode": "full", "rate_mb_s": None, "payload_mb": payload_mb, **full}]
+    if on_row is not None:
+        on_row(rows)
     for rate in rates:
         for mode, requests in (("progressive", with_count), ("decode-only", without)):
             run = best(requests, rate)
             run["ratio_vs_full"] = run["after_last_byte_s"] / full["after_last_byte_s"]
             run["same_findings"] = same_findings(run["findings"], full["findings"])
             rows.append({"mode": mode, "rate_mb_s": rate, "payload_mb": payload_mb, **run})
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
@@ -142,9 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, default=Path("models"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--ct-spacing", default="0.7,1.25", help="PIXEL,SLICE mm of the CT studies (gpu_run.sh: 0.7,1.0, its cached CT)"
+    )
     args = parser.parse_args(argv)
 
-    spacing = {"CT": (0.7, 1.25), "MR": (1.0, 1.0)}
+    pixel_mm, slice_mm = (float(v) for v in args.ct_spacing.split(","))
+    spacing = {"CT": (pixel_mm, slice_mm), "MR": (1.0, 1.0)}
     results = {}
     with ServerProcess(models=args.models, device=args.device) as server:
         options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
@@ -156,11 +172,14 @@ def main(argv: list[str] | None = None) -> int:
                 modality = modality.upper()
                 shape = tuple(int(s) for s in size.split("x"))
                 study = materialize(StudySpec(modality, shape, spacing[modality], 0, "dicom"), args.cache)
-                rows = measure(stub, study.files, study.spec.model, args.rates, args.repeats)
-                results[text] = rows
+
+                def keep(rows: list[dict], text: str = text) -> None:
+                    results[text] = rows
+                    if args.json:  # after every row: a run cut short keeps what it measured
+                        args.json.write_text(json.dumps(results, indent=2))
+
+                rows = measure(stub, study.files, study.spec.model, args.rates, args.repeats, on_row=keep)
                 print(format_rows(text, rows), flush=True)
-                if args.json:  # after every study: a run cut short keeps what it measured
-                    args.json.write_text(json.dumps(results, indent=2))
     return 0
 
 
