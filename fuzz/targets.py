@@ -3,7 +3,8 @@ through :func:`one_input` on every ``make test``.
 
 Input format: byte 0 picks the target (modulo 4), the rest is its payload:
 
-* ``0`` DICOM series: the payload split on :data:`FILE_SEPARATOR` into at most 8 files;
+* ``0`` DICOM series: the payload split on :data:`FILE_SEPARATOR` into at most 8 files, read as a progressive read
+  does (each file alone, its header, its slice placed on the grid the series declares) and then as a whole series;
 * ``1`` NIfTI (``.nii`` or ``.nii.gz``): the payload is the file;
 * ``2`` RAW: byte 0 the dtype (index into RAW_DTYPES), bytes 1-3 the shape (each 1..16), bytes 4-15 three
   little-endian float32 spacings, byte 16 the modality (CT, MR, CR, DX), the rest the array bytes;
@@ -21,6 +22,8 @@ from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.api.upload import UploadAssembler, read_payload
 from inference.errors import RadserveError
 from inference.io import RAW_DTYPES, InputLimits, read_dicom_series, read_nifti, read_raw
+from inference.io.assembly import SliceAssembly
+from inference.io.dicom import read_dicom_file, read_dicom_header
 
 FILE_SEPARATOR = b"\x00RADSERVE-FILE\x00"
 MAX_FILES = 8
@@ -38,7 +41,18 @@ LIMITS = InputLimits(
 
 
 def _dicom(payload: bytes) -> None:
-    read_dicom_series(payload.split(FILE_SEPARATOR)[:MAX_FILES], limits=LIMITS)
+    files = payload.split(FILE_SEPARATOR)[:MAX_FILES]
+    assembly = SliceAssembly(len(files)) if len(files) >= 2 else None  # SliceAssembly never raises on bad input
+    for index, data in enumerate(files):  # inference.api.progressive, file by file
+        try:
+            volume = read_dicom_file(data, limits=LIMITS)
+            read_dicom_header(index, data, limits=LIMITS)
+        except RadserveError:
+            continue
+        if assembly is not None:
+            for k in assembly.add(index, volume):
+                assembly.plane(k)
+    read_dicom_series(files, limits=LIMITS)
 
 
 def _nifti(payload: bytes) -> None:
