@@ -35,7 +35,13 @@ from inference.api.security import check_model_allowed
 from inference.engine.progressive import SlabRead, start_slab_read
 from inference.engine.runner import ReadResult, without_voxels
 from inference.engine.scheduler import Priority
-from inference.errors import DeadlineExceededError, InvalidInputError, OverloadedError, RadserveError
+from inference.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    LimitExceededError,
+    OverloadedError,
+    RadserveError,
+)
 from inference.io.assembly import ExpectedGrid, SliceAssembly
 from inference.io.dicom import read_dicom_file, read_dicom_header, read_dicom_series
 from inference.io.limits import InputLimits
@@ -54,14 +60,19 @@ StartSlabs = Callable[[Volume, ExpectedGrid, SliceAssembly], Awaitable[SlabRead 
 
 
 def expected_instances(header: pb.ReadHeader, limits: InputLimits) -> int | None:
-    """``header.expected_instances`` checked (INVALID_ARGUMENT), or None when absent."""
+    """``header.expected_instances`` checked, or None when absent: 0 or another payload than DICOM files is
+    INVALID_ARGUMENT; more than ``max_files`` is the file limit's RESOURCE_EXHAUSTED, before any file is sent."""
     if not header.HasField("expected_instances"):
         return None
     n = header.expected_instances
     if header.payload not in (pb.PAYLOAD_KIND_UNSPECIFIED, pb.DICOM_FILES):
         raise InvalidInputError("header.expected_instances applies to DICOM_FILES payloads only")
-    if not 1 <= n <= limits.max_files:
-        raise InvalidInputError(f"header.expected_instances must be in [1, {limits.max_files}] (max_files), got {n}")
+    if n < 1:
+        raise InvalidInputError(f"header.expected_instances must be at least 1, got {n}")
+    if n > limits.max_files:
+        raise LimitExceededError(
+            f"header.expected_instances declares {n} files, more than the limit of {limits.max_files} files per study"
+        )
     return n
 
 

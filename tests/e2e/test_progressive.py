@@ -131,12 +131,16 @@ def test_series_checks_keep_their_status(stub, ct_study):
     assert "missing" in messages[0] and messages[0] == messages[1]
 
 
-def test_expected_instances_out_of_range_is_invalid_argument(stub, ct_study):
+def test_expected_instances_out_of_range_is_invalid_argument_or_the_file_limit(stub, ct_study):
     _, files, _ = ct_study
     with pytest.raises(grpc.RpcError) as caught:
         read(stub, files[:3], range(3), model="lung_nodule_ct", expected=0)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "header.expected_instances" in caught.value.details()
+    assert "header.expected_instances must be at least 1, got 0" in caught.value.details()
+    with pytest.raises(grpc.RpcError) as caught:  # the server's default limit: 4000 files per study
+        read(stub, files[:3], range(3), model="lung_nodule_ct", expected=100_000)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "declares 100000 files, more than the limit of" in caught.value.details()
 
 
 def test_a_model_that_cannot_read_progressively_answers_as_a_whole_study(stub, tmp_path):
