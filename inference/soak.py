@@ -16,7 +16,7 @@ Violations:
   the models);
 * the server restarted (its pid's start time changed, or it is gone) or stopped answering health;
 * the resident memory (VmRSS) of the server and its child processes (decode workers) together grew by more
-  than ``max_rss_growth_mb`` between the end of the warm-up (the first fifth of the run) and the end.
+  than ``max_rss_growth_mb`` between the end of the warm-up (``warmup_s``, default the first fifth) and the end.
 
 Targets are loopback only: a soak is a load test, not something to point at a production server.
 """
@@ -86,6 +86,7 @@ class SoakConfig:
     max_reads: int = 1000
     server_pid: int | None = None
     max_rss_growth_mb: float = 100.0
+    warmup_s: float | None = None  # the RSS baseline is taken after this long (None: a fifth of duration_s)
     seed: int = 0
     ca: Path | None = None
     cert: Path | None = None
@@ -102,6 +103,8 @@ class SoakConfig:
             raise ValueError(f"clients must be in [1, 64], got {self.clients!r}")
         if not 0 < self.duration_s <= 24 * 3600:
             raise ValueError(f"duration_s must be in (0, 86400], got {self.duration_s!r}")
+        if self.warmup_s is not None and not 0 <= self.warmup_s < self.duration_s:
+            raise ValueError(f"warmup_s must be in [0, duration_s), got {self.warmup_s!r}")
         if self.max_reads < 1:
             raise ValueError(f"max_reads must be >= 1, got {self.max_reads!r}")
         if self.max_rss_growth_mb <= 0:
@@ -375,7 +378,7 @@ def run_soak(config: SoakConfig, *, health: Callable[[], bool] | None = None) ->
     issued = 0
     start = time.monotonic()
     end = start + config.duration_s
-    warmup_end = start + config.duration_s / 5
+    warmup_end = start + (config.warmup_s if config.warmup_s is not None else config.duration_s / 5)
 
     pid = config.server_pid
     start_ticks = process_start_ticks(pid) if pid is not None else None
@@ -470,6 +473,7 @@ def run_from_args(args: argparse.Namespace) -> SoakReport:
         max_reads=args.max_reads,
         server_pid=pid,
         max_rss_growth_mb=args.max_rss_growth_mb,
+        warmup_s=args.warmup_s,
         seed=args.seed,
         ca=args.ca,
         cert=args.tls_cert,

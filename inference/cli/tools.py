@@ -25,6 +25,7 @@ def register_soak(sub: Any) -> None:
     soak.add_argument("--spawn", action="store_true", help="start a server on a free loopback port for the soak")
     soak.add_argument("--models", type=Path, default=Path("models"), help="model repository of a --spawn server")
     soak.add_argument("--max-rss-growth-mb", type=float, default=100.0, help="allowed RSS growth after warm-up")
+    soak.add_argument("--warmup-s", type=float, default=None, help="time before the RSS baseline (a fifth of the run)")
     soak.add_argument("--seed", type=int, default=0)
     soak.set_defaults(handler=run_soak)
 
