@@ -39,7 +39,7 @@ serve: venv  ## start the server on $(HOST):$(PORT) with the bundled models on t
 test: venv venv-triton  ## the whole test suite (GPU tests skip without CUDA; Triton tests use .venv-triton)
 	$(PY) -m pytest -q -ra
 
-test-unit: venv  ## the tests that start no server and train nothing (about 2.5 minutes on 2 cores)
+test-unit: venv  ## the tests that start no server and train nothing (under 2 minutes on 2 cores)
 	$(PY) -m pytest -q -ra -m "not server and not slow"
 
 test-fast: venv  ## everything but the tests marked slow
