@@ -127,7 +127,7 @@ def read_study(args: argparse.Namespace) -> int:
     header_fields: dict[str, Any] = {}
     if args.series:
         header_fields["series_instance_uid"] = args.series
-    elif kind == pb.DICOM_FILES and len(files) >= 2:
+    elif kind == pb.DICOM_FILES:
         # One series' files (the usual upload): a model that reads progressively starts on its slabs while the
         # rest uploads. A wrong count costs only that head start: the server checks it and reads the whole study.
         header_fields["expected_instances"] = len(files)

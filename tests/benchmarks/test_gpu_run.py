@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -16,6 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from benchmarks import gpu_summary
 from benchmarks import run as bench_run
@@ -25,16 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _names(path: Path) -> set[str]:
     """Canonical distribution names of a requirements-style file."""
-    names = set()
-    for line in path.read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            names.add(_canonical(re.split(r"[=<>~!\[ ]", line)[0]))
-    return names
-
-
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+    return {canonicalize_name(Requirement(line).name) for line in lines if line}
 
 
 def _with_dependencies(names: set[str]) -> set[str]:
@@ -47,10 +40,10 @@ def _with_dependencies(names: set[str]) -> set[str]:
             continue
         seen.add(name)
         try:
-            requires = importlib.metadata.requires(name) or []
+            requires = [Requirement(text) for text in importlib.metadata.requires(name) or []]
         except importlib.metadata.PackageNotFoundError:
             continue
-        todo += [_canonical(re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", r)[0]) for r in requires if "extra ==" not in r]
+        todo += [canonicalize_name(r.name) for r in requires if r.marker is None or r.marker.evaluate({"extra": ""})]
     return seen
 
 
@@ -61,11 +54,11 @@ def absent_on_the_gpu_machine() -> list[str]:
     provided = _with_dependencies(
         _names(ROOT / "benchmarks" / "gpu_image.txt") | _names(ROOT / "benchmarks" / "gpu_wheels.txt") | {"radserve"}
     )
-    installed = {_canonical(d.metadata["Name"]) for d in importlib.metadata.distributions()}
+    installed = {canonicalize_name(d.metadata["Name"]) for d in importlib.metadata.distributions()}
     absent = installed - provided - {"pip", "setuptools", "wheel"}
     modules = []
     for module, dists in importlib.metadata.packages_distributions().items():
-        if {re.sub(r"[-_.]+", "-", d).lower() for d in dists} <= absent and not module.startswith("_"):
+        if {canonicalize_name(d) for d in dists} <= absent and not module.startswith("_"):
             modules.append(module)
     return sorted(modules)
 
