@@ -9,6 +9,7 @@ without it, so a backend overrides only what it has:
 * ``torch.compile``: :meth:`enable_compile`, :meth:`disable_compile` (no-ops) and :attr:`compiled` (False);
 * a network in another process (Triton): :attr:`remote` (False) and :meth:`is_ready` (True);
 * memory figures for the metrics: :meth:`memory_allocated_bytes` (None: nothing to report);
+* a batch of one that runs faster doubled: :meth:`pairs_lone_item` (False);
 * :meth:`close` (no-op).
 """
 
@@ -37,6 +38,11 @@ class Backend(ABC):
     def forward(self, batch: torch.Tensor) -> Any:
         """Run the network on ``batch`` (B, C, *spatial) and return its raw outputs."""
         raise NotImplementedError(f"{type(self).__name__} must implement forward")
+
+    def pairs_lone_item(self, item: torch.Tensor) -> bool:
+        """Whether a batch of ``item`` alone should be forwarded as a pair of copies (its first result kept):
+        :func:`inference.platform.pairs_lone_item` for a network that runs here."""
+        return False
 
     # -- out of GPU memory (the policy is in ModelRunner._forward) ------------------------------------------------
 

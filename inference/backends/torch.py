@@ -20,7 +20,7 @@ import torch
 
 from inference.backends.base import Backend
 from inference.backends.weights import load_state_dict
-from inference.platform import autocast_dtype
+from inference.platform import autocast_dtype, pairs_lone_item
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,9 @@ class TorchBackend(Backend):
     def disable_compile(self) -> None:
         """Back to eager execution (compilation failed, e.g. no C compiler for Triton)."""
         self._compiled = None
+
+    def pairs_lone_item(self, item: torch.Tensor) -> bool:
+        return pairs_lone_item(self._device, item)
 
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor) -> Any:

@@ -102,9 +102,12 @@ class ModelRunner:
 
     def _forward(self, items: Sequence[torch.Tensor]) -> list[Any]:
         """Stack ``items`` into a batch, forward it and split the outputs per item (in the batcher's worker
-        thread), surviving out-of-memory errors in the stack as in the forward pass."""
+        thread), surviving out-of-memory errors in the stack as in the forward pass. A lone item the backend
+        runs faster as a pair (:meth:`~inference.backends.base.Backend.pairs_lone_item`) is forwarded twice over."""
         n = len(items)
         try:
+            if n == 1 and self.backend.pairs_lone_item(items[0]):  # the CPU's slow batch of one 3-D item
+                return self.task.split_outputs(self.backend.forward(torch.stack([items[0], items[0]])), 2)[:1]
             return self.task.split_outputs(self.backend.forward(torch.stack(list(items))), n)
         except OOM_ERRORS:
             pass  # recover outside the except block, so that the error's frames and their tensors are freed

@@ -12,7 +12,7 @@ import torch
 
 from inference.io.volume import Volume
 from inference.outputs.finding import Finding
-from inference.platform import autocast_dtype
+from inference.platform import autocast_dtype, pairs_lone_item
 from inference.tasks.base import Task, TaskResult
 
 __all__ = ["forward_items", "load_network", "run_direct", "run_direct_result"]
@@ -24,7 +24,8 @@ def load_network(task: Task) -> torch.nn.Module:
 
 
 def forward_items(task: Task, network: torch.nn.Module, items: list[torch.Tensor], batch_size: int = 4) -> list[Any]:
-    """Forward ``items`` in batches of ``batch_size`` (autocast as the backend does) and split the outputs."""
+    """Forward ``items`` in batches of ``batch_size`` (autocast, and a lone 3-D item on the CPU as a pair, as the
+    service does) and split the outputs."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = task.device
@@ -32,13 +33,17 @@ def forward_items(task: Task, network: torch.nn.Module, items: list[torch.Tensor
     results: list[Any] = []
     with torch.inference_mode():
         for start in range(0, len(items), batch_size):
-            batch = torch.stack(items[start : start + batch_size]).to(device)
+            chunk = items[start : start + batch_size]
+            n = len(chunk)
+            if n == 1 and pairs_lone_item(device, chunk[0]):  # as the service does (ModelRunner._forward)
+                chunk = [chunk[0], chunk[0]]
+            batch = torch.stack(chunk).to(device)
             if dtype is None:
                 outputs = network(batch)
             else:
                 with torch.autocast(device_type=device.type, dtype=dtype):
                     outputs = network(batch)
-            results.extend(task.split_outputs(outputs, batch.shape[0]))
+            results.extend(task.split_outputs(outputs, batch.shape[0])[:n])
     return results
 
 
