@@ -53,7 +53,7 @@ _log = logging.getLogger(__name__)
 _GZIP_MAGIC = b"\x1f\x8b"
 _NIFTI1_HEADER_BYTES = 348
 _NIFTI2_HEADER_BYTES = 540
-_HEADER_READ_BYTES = _NIFTI2_HEADER_BYTES + 4  # NIfTI-2 header plus the extension flag
+HEADER_READ_BYTES = _NIFTI2_HEADER_BYTES + 4  # NIfTI-2 header plus the extension flag
 # Header extensions sit between the header and vox_offset; more than this is not a plausible image file.
 MAX_EXTENSION_BYTES = 64 * 1024**2
 _INFLATE_CHUNK_BYTES = 1024**2
@@ -67,10 +67,8 @@ def read_nifti(data: bytes | Path, *, modality: str = "CT", limits: InputLimits 
     if bytes(raw[:2]) == _GZIP_MAGIC:
         budget = InflateBudget(limits)
         with gzip.GzipFile(fileobj=io.BytesIO(raw)) as stream:
-            head = _read_up_to(stream, _HEADER_READ_BYTES)
-            header = _parse_header(head)
-            layout = _check_layout(header, limits)
-            affine, orientation_warning = _affine_lps(header, layout, limits)
+            head = _read_up_to(stream, HEADER_READ_BYTES)
+            header, layout, affine, orientation_warning = nifti_header(head, limits)
             budget.spend(layout.end, "the NIfTI gzip stream's header and voxels")
             buffer = head
             buffer += _read_up_to(stream, layout.end - len(head))
@@ -78,9 +76,7 @@ def read_nifti(data: bytes | Path, *, modality: str = "CT", limits: InputLimits 
                 budget.spend(_check_gzip_end(stream, budget.left), "the NIfTI gzip stream")
     else:
         buffer = raw
-        header = _parse_header(bytes(raw[:_HEADER_READ_BYTES]))
-        layout = _check_layout(header, limits)
-        affine, orientation_warning = _affine_lps(header, layout, limits)
+        header, layout, affine, orientation_warning = nifti_header(bytes(raw[:HEADER_READ_BYTES]), limits)
     if len(buffer) < layout.end:
         raise InvalidInputError(
             f"NIfTI data is truncated: the header implies {layout.n_voxels} voxels of {layout.dtype.name} "
@@ -88,23 +84,44 @@ def read_nifti(data: bytes | Path, *, modality: str = "CT", limits: InputLimits 
             f"{max(len(buffer) - layout.offset, 0)} bytes follow"
         )
 
-    try:
-        slope, inter = header.get_slope_inter()  # (None, None) when NIfTI says "no scaling" (slope 0 or NaN)
-    except Exception as exc:  # nibabel: a valid slope with an invalid intercept
-        raise InvalidInputError(f"NIfTI scl_slope / scl_inter are invalid ({escape_text(exc, 120)})") from exc
-    if slope is not None:
-        check_rescale(float(slope), float(inter or 0.0), "NIfTI scl_slope/scl_inter:")
-
+    slope, inter = nifti_scaling(header)
     stored = np.frombuffer(buffer, dtype=layout.dtype, count=layout.n_voxels, offset=layout.offset)
-    voxels = stored.reshape(layout.shape, order="F").astype(np.float32)
-    if slope is not None and (slope, inter) != (1.0, 0.0):
-        voxels *= np.float32(slope)
-        voxels += np.float32(inter or 0.0)
+    voxels = scaled_float32(stored.reshape(layout.shape, order="F"), slope, inter)
     warnings = [orientation_warning] if orientation_warning else []
     if layout.dtype.kind == "f" or slope is not None:  # integers without scaling are bounded by their type
         check_voxel_values(voxels, "NIfTI image")
     _log.debug("NIfTI-%d: shape %s, %s", layout.version, layout.shape, layout.dtype.name)
     return Volume(voxels=voxels, affine=affine, modality=modality, warnings=tuple(warnings))
+
+
+def nifti_header(head: bytes, limits: InputLimits) -> tuple[nib.Nifti1Header, NiftiLayout, np.ndarray, str | None]:
+    """The first bytes of a (inflated) NIfTI file, checked: its header, voxel layout, LPS affine and orientation
+    warning (every check of the module docstring that needs no voxel). ``head`` holds HEADER_READ_BYTES bytes, or
+    all the file has."""
+    header = _parse_header(head)
+    layout = _check_layout(header, limits)
+    affine, orientation_warning = _affine_lps(header, layout, limits)
+    return header, layout, affine, orientation_warning
+
+
+def nifti_scaling(header: nib.Nifti1Header) -> tuple[float | None, float | None]:
+    """``(scl_slope, scl_inter)``, checked; ``(None, None)`` when NIfTI says "no scaling" (slope 0 or NaN)."""
+    try:
+        slope, inter = header.get_slope_inter()
+    except Exception as exc:  # nibabel: a valid slope with an invalid intercept
+        raise InvalidInputError(f"NIfTI scl_slope / scl_inter are invalid ({escape_text(exc, 120)})") from exc
+    if slope is not None:
+        check_rescale(float(slope), float(inter or 0.0), "NIfTI scl_slope/scl_inter:")
+    return slope, inter
+
+
+def scaled_float32(stored: np.ndarray, slope: float | None, inter: float | None) -> np.ndarray:
+    """Stored voxels as float32 after the scaling (element by element: a slab converts as the whole image does)."""
+    voxels = stored.astype(np.float32)
+    if slope is not None and (slope, inter) != (1.0, 0.0):
+        voxels *= np.float32(slope)
+        voxels += np.float32(inter or 0.0)
+    return voxels
 
 
 @dataclass(frozen=True)
@@ -119,7 +136,7 @@ class NiftiReader(VolumeReader[bytes | Path]):
 
 
 @dataclass(frozen=True)
-class _Layout:
+class NiftiLayout:
     version: int
     shape: tuple[int, int, int]
     n_voxels: int
@@ -197,7 +214,7 @@ def _parse_header(head: bytes) -> nib.Nifti1Header:
     return header
 
 
-def _check_layout(header: nib.Nifti1Header, limits: InputLimits) -> _Layout:
+def _check_layout(header: nib.Nifti1Header, limits: InputLimits) -> NiftiLayout:
     version = 2 if isinstance(header, nib.Nifti2Header) else 1
     dim = [int(d) for d in header["dim"]]
     if not 1 <= dim[0] <= 7:
@@ -228,7 +245,7 @@ def _check_layout(header: nib.Nifti1Header, limits: InputLimits) -> _Layout:
         raise LimitExceededError(
             f"NIfTI vox_offset is {vox_offset:.0f}; header extensions above {MAX_EXTENSION_BYTES} bytes are refused"
         )
-    return _Layout(
+    return NiftiLayout(
         version=version,
         shape=shape,  # type: ignore[arg-type]
         n_voxels=math.prod(shape),
@@ -237,7 +254,7 @@ def _check_layout(header: nib.Nifti1Header, limits: InputLimits) -> _Layout:
     )
 
 
-def _affine_lps(header: nib.Nifti1Header, layout: _Layout, limits: InputLimits) -> tuple[np.ndarray, str | None]:
+def _affine_lps(header: nib.Nifti1Header, layout: NiftiLayout, limits: InputLimits) -> tuple[np.ndarray, str | None]:
     warning = None
     try:
         if int(header["sform_code"]) > 0:

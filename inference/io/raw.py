@@ -43,13 +43,7 @@ def read_raw(
     """Wrap raw voxel bytes and the geometry the request states into a :class:`Volume`."""
     modality = check_modality(modality)
     limits.check_request_bytes(payload_size(data))
-    if dtype not in RAW_DTYPES:
-        raise InvalidInputError(f"raw dtype {quote(dtype, 32)} is not supported; use one of {', '.join(RAW_DTYPES)}")
-    np_dtype = np.dtype(dtype).newbyteorder("<")
-    dims = _shape(shape)
-    limits.check_shape(dims, what="raw volume")
-    matrix = _affine(affine, spacing_mm)
-    check_geometry(matrix, dims, "raw geometry", limits)
+    np_dtype, dims, matrix = raw_layout(dtype, shape, affine, spacing_mm, limits)
     expected = math.prod(dims) * np_dtype.itemsize
     if len(data) != expected:
         raise InvalidInputError(
@@ -62,6 +56,25 @@ def read_raw(
         check_voxel_values(voxels, "raw volume")  # after the cast: float64 beyond float32's range is infinite
     _log.debug("raw %s volume: shape %s", dtype, dims)
     return Volume(voxels=voxels, affine=matrix, modality=modality)
+
+
+def raw_layout(
+    dtype: str,
+    shape: Sequence[int],
+    affine: Sequence[float] | None,
+    spacing_mm: Sequence[float] | None,
+    limits: InputLimits,
+) -> tuple[np.dtype, tuple[int, int, int], np.ndarray]:
+    """The array's description, checked before any byte is looked at: its little-endian dtype, (X, Y, Z) shape
+    and voxel index -> LPS mm affine."""
+    if dtype not in RAW_DTYPES:
+        raise InvalidInputError(f"raw dtype {quote(dtype, 32)} is not supported; use one of {', '.join(RAW_DTYPES)}")
+    np_dtype = np.dtype(dtype).newbyteorder("<")
+    dims = _shape(shape)
+    limits.check_shape(dims, what="raw volume")
+    matrix = _affine(affine, spacing_mm)
+    check_geometry(matrix, dims, "raw geometry", limits)
+    return np_dtype, dims, matrix
 
 
 @dataclass(frozen=True)
