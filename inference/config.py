@@ -202,6 +202,12 @@ class ServerConfig:
     oom_cpu_fallback: bool = field(
         default=True, metadata=cli_flag("run a work item that exhausts GPU memory on the CPU (default on)")
     )
+    # Decode, preprocess and infer a study while it arrives (issue #15; docs/decisions.md, "Progressive reading"):
+    # DICOM files as each completes, NIfTI and RAW payloads plane by plane. Off: every read decodes after its last
+    # byte (the whole-study path, and the benchmarks' baseline for the progressive rows).
+    progressive_reads: bool = field(
+        default=True, metadata=cli_flag("decode and read studies while they arrive (default on)")
+    )
     # Prometheus metrics at http://HOST:metrics_port/metrics; 0 disables them.
     metrics_port: int = field(default=9464, metadata=cli_flag("Prometheus metrics port (9464; 0: off)"))
     # A second, plaintext gRPC port serving only grpc.health.v1 (0: none; health is always on `port` too), for

@@ -31,6 +31,7 @@ import numpy as np
 
 from inference.api.admission import Admission, check_for_model, estimate_peak_bytes
 from inference.api.gen.radserve.v1 import reading_pb2 as pb
+from inference.api.interceptors import call_record_var
 from inference.api.security import check_model_allowed
 from inference.engine.progressive import SlabRead, start_slab_read
 from inference.engine.runner import ReadResult, without_voxels
@@ -51,12 +52,14 @@ from inference.serving.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ProgressiveRead", "expected_instances", "start_progressive"]
+__all__ = ["ProgressiveRead", "StartSlabs", "expected_instances", "slab_starter", "start_progressive"]
 
 _FATAL = (DecodeTimeoutError, WorkerCrashedError, DeadlineExceededError, OverloadedError)
 _DEFLATED = b"1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: its inflate budget is per study
 
-StartSlabs = Callable[[Volume, ExpectedGrid, SliceAssembly], Awaitable[SlabRead | None]]
+# start_slabs(first, grid, plane): the first decoded Volume (its modality and metadata), the grid the slab read fills
+# and plane(k), its slice k once arrived.
+StartSlabs = Callable[[Volume, ExpectedGrid, Callable[[int], np.ndarray]], Awaitable[SlabRead | None]]
 
 
 def expected_instances(header: pb.ReadHeader, limits: InputLimits) -> int | None:
@@ -90,6 +93,7 @@ class ProgressiveRead:
         deadline_s: float | None,
         reserve: Callable[[int], None],
         start_slabs: StartSlabs,
+        stack: contextlib.AsyncExitStack,
     ) -> None:
         self.header = header
         self.request_id = request_id
@@ -108,7 +112,7 @@ class ProgressiveRead:
         self.slabs: SlabRead | None = None
         self._starting: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
-        self.stack = contextlib.AsyncExitStack()  # the slab read's model lease and compute admission
+        self.stack = stack  # the slab read's model lease and compute admission
 
     @property
     def series_uid(self) -> str | None:
@@ -153,7 +157,7 @@ class ProgressiveRead:
 
     async def _start(self, first: Volume) -> None:
         try:
-            self.slabs = await self._start_slabs(first, self.assembly.grid, self.assembly)
+            self.slabs = await self._start_slabs(first, self.assembly.grid, self.assembly.plane)
         except RadserveError as exc:  # the whole-study path, at the end, raises it again for the right reason
             logger.debug("request %s: no progressive read (%s)", self.request_id, type(exc).__name__)
             await self.stack.aclose()
@@ -204,40 +208,39 @@ class ProgressiveRead:
         await self.stack.aclose()
 
 
-def start_progressive(
+def slab_starter(
     header: pb.ReadHeader,
     request_id: str,
+    stack: contextlib.AsyncExitStack,
     *,
     registry: ModelRegistry,
     admission: Admission,
     limits: InputLimits,
     io_executor: Executor,
-    decode_workers: DecodeWorkers | None,
     deadline_s: float | None,
-    reserve: Callable[[int], None],
-) -> ProgressiveRead:
-    """The servicer's :class:`ProgressiveRead` of one streamed DICOM read. Its slab read starts once the grid is
-    fixed, after what a whole-study read checks before it computes: the model's lease and permission, the model's
-    own ``progressive``, the minimum input and the compute admission (all released by ``aclose``)."""
+) -> StartSlabs:
+    """The ``start_slabs`` of one read: it starts a slab read once the grid is fixed, after what a whole-study read
+    checks before it computes: the model's lease and permission, the model's own ``progressive``, the minimum input
+    and the compute admission (entered on ``stack``, which the read closes when it ends)."""
     priority = Priority.STAT if header.priority == pb.STAT else Priority.ROUTINE
-    progressive: ProgressiveRead
 
-    async def start_slabs(first: Volume, grid: ExpectedGrid, assembly: SliceAssembly) -> SlabRead | None:
+    async def start_slabs(first: Volume, grid: ExpectedGrid, plane: Callable[[int], np.ndarray]) -> SlabRead | None:
         if header.model:
             check_model_allowed(header.model)
-        runner = await progressive.stack.enter_async_context(
+        runner = await stack.enter_async_context(
             registry.lease(header.model or None, header.model_version or None, first.modality)
         )
         check_model_allowed(runner.config.name)
+        record = call_record_var.get()
+        if record is not None:  # a read cancelled or failed while its patches run is counted under its model
+            record.model, record.model_version = runner.config.name, runner.config.version
         if not runner.config.progressive:
             return None
         stand_in = dataclasses.replace(
             without_voxels(first), voxels=np.broadcast_to(np.float32(0), grid.shape), affine=grid.affine
         )
         check_for_model(stand_in, runner.config, limits)
-        if not progressive.stack.enter_context(
-            admission.compute_while_uploading(estimate_peak_bytes(stand_in, runner.config))
-        ):
+        if not stack.enter_context(admission.compute_while_uploading(estimate_peak_bytes(stand_in, runner.config))):
             logger.info(
                 "request %s: no compute share free while uploading; the read computes after its upload", request_id
             )
@@ -250,7 +253,7 @@ def start_progressive(
                 runner,
                 grid.shape,
                 grid.affine,
-                assembly.plane,
+                plane,
                 request_id=request_id,
                 priority=priority,
                 deadline_s=deadline_s,
@@ -258,7 +261,34 @@ def start_progressive(
             ),
         )
 
-    progressive = ProgressiveRead(
+    return start_slabs
+
+
+def start_progressive(
+    header: pb.ReadHeader,
+    request_id: str,
+    *,
+    registry: ModelRegistry,
+    admission: Admission,
+    limits: InputLimits,
+    io_executor: Executor,
+    decode_workers: DecodeWorkers | None,
+    deadline_s: float | None,
+    reserve: Callable[[int], None],
+) -> ProgressiveRead:
+    """The servicer's :class:`ProgressiveRead` of one streamed DICOM read (its slab read: :func:`slab_starter`)."""
+    stack = contextlib.AsyncExitStack()
+    start_slabs = slab_starter(
+        header,
+        request_id,
+        stack,
+        registry=registry,
+        admission=admission,
+        limits=limits,
+        io_executor=io_executor,
+        deadline_s=deadline_s,
+    )
+    return ProgressiveRead(
         header,
         request_id=request_id,
         limits=limits,
@@ -267,5 +297,5 @@ def start_progressive(
         deadline_s=deadline_s,
         reserve=reserve,
         start_slabs=start_slabs,
+        stack=stack,
     )
-    return progressive

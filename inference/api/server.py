@@ -135,6 +135,7 @@ class RadserveServer:
             config.limits,
             self._io_executor,
             max_in_flight=config.max_in_flight,
+            progressive_reads=config.progressive_reads,
             ingest=IngestPolicy.from_config(config),
             allow_model_management=config.allow_model_management,
             max_message_bytes=config.max_message_bytes,

@@ -27,6 +27,7 @@ from inference.api.admission import (
     client_key,
     estimate_peak_bytes,
 )
+from inference.api.arrival import Arrival
 from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.api.gen.radserve.v1 import reading_pb2_grpc as pb_grpc
 from inference.api.ingest import IngestPolicy
@@ -34,6 +35,7 @@ from inference.api.interceptors import call_record_var, request_id_var
 from inference.api.progressive import ProgressiveRead, expected_instances, start_progressive
 from inference.api.routing import RoutingRPCs, model_info
 from inference.api.security import PermissionDeniedError, check_model_allowed, tenant_var
+from inference.api.streamed import StreamedRead, start_streamed
 from inference.config import PromotionPolicy
 from inference.engine.runner import ModelRunner, ReadResult
 from inference.engine.scheduler import Priority
@@ -116,6 +118,7 @@ class ReadingServicer(RoutingRPCs, pb_grpc.ReadingServiceServicer):
         io_executor: Executor,
         *,
         max_in_flight: int = 64,
+        progressive_reads: bool = True,
         ingest: IngestPolicy | None = None,
         allow_model_management: bool = True,
         max_message_bytes: int = 64 * 1024 * 1024,
@@ -127,9 +130,10 @@ class ReadingServicer(RoutingRPCs, pb_grpc.ReadingServiceServicer):
         promotion_policy: PromotionPolicy | None = None,
         shadow_max_pending: int = 2,
     ) -> None:
-        """``admission``: the upload, per-client, compute and memory gates (``max_in_flight`` is used when it is
-        None); ``receive_policy``: the receive deadline; ``decode_workers``: where streamed DICOM and NIfTI payloads
-        are decoded (None: in ``io_executor``'s threads); ``promotion_policy``: the promotion guard's settings;
+        """``progressive_reads``: decode (and read by slab) while the upload arrives; ``admission``: the upload,
+        per-client, compute and memory gates (``max_in_flight`` is used when it is None); ``receive_policy``: the
+        receive deadline; ``decode_workers``: where streamed DICOM and NIfTI payloads are decoded after their upload
+        (None: in ``io_executor``'s threads); ``promotion_policy``: the promotion guard's settings;
         ``shadow_max_pending``: shadow reads queued at most (inference.serving.shadow)."""
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight!r}")
@@ -140,6 +144,7 @@ class ReadingServicer(RoutingRPCs, pb_grpc.ReadingServiceServicer):
             library_logger.setLevel(max(library_logger.getEffectiveLevel(), logging.WARNING))
         self._registry = registry
         self._limits = limits
+        self._progressive_reads = progressive_reads
         self._io_executor = io_executor
         self._ingest = ingest or IngestPolicy()  # default: payloads referenced by the header are refused
         self.admission = Admission(admission or AdmissionConfig(max_in_flight=max_in_flight))
@@ -207,21 +212,19 @@ class ReadingServicer(RoutingRPCs, pb_grpc.ReadingServiceServicer):
             held_upload_bytes += n_bytes
 
         held.callback(lambda: memory.release(held_upload_bytes))
-        progressive: ProgressiveRead | None = None
-
-        def file_done(upload: uploads.Upload, index: int) -> None:
-            nonlocal progressive
-            if upload.payload != pb.DICOM_FILES:
-                return
-            if progressive is None:
-                progressive = self._progressive(upload, deadline_s, reserve_upload)
-                held.push_async_callback(progressive.aclose)
-            upload.files[index] = bytes(upload.files[index])  # complete: pydicom and the workers take bytes
-            progressive.file_done(index, upload.files[index])
-
+        arrival = Arrival(
+            dicom=lambda upload: self._progressive(upload, deadline_s, reserve_upload),
+            one_file=lambda upload: self._streamed(upload, deadline_s, reserve_upload),
+            held=held,
+        )
         with self.admission.upload():
             upload = await uploads.receive(
-                request_iterator, self._limits, self.receive_policy, reserve_upload, file_done=file_done
+                request_iterator,
+                self._limits,
+                self.receive_policy,
+                reserve_upload,
+                file_done=arrival.file_done if self._progressive_reads else None,
+                chunk_added=arrival.chunk_added if self._progressive_reads else None,
             )
         held.enter_context(self.shadow.live_work())  # shadow reads wait while live reads are computed
         request_id_var.set(upload.request_id)
@@ -236,9 +239,7 @@ class ReadingServicer(RoutingRPCs, pb_grpc.ReadingServiceServicer):
             raise InvalidInputError(f"header.outputs holds unknown OutputKind values {sorted(unknown)}")
         expected_instances(header, self._limits)
         decode_start = time.perf_counter()
-        volume, result = None, None
-        if progressive is not None:
-            volume, result = await progressive.finish(upload.files)
+        volume, result = await arrival.finish(upload.files)
         if volume is None:
             volume = await self._decode(upload, deadline_s)
         decode_ms = (time.perf_counter() - decode_start) * 1e3
@@ -249,7 +250,7 @@ class ReadingServicer(RoutingRPCs, pb_grpc.ReadingServiceServicer):
             source_datasets = await loop.run_in_executor(self._io_executor, source_headers, volume, upload.files)
         upload.files.clear()  # decoded (and the SEG's headers parsed): free the received bytes while the model runs
         if result is not None:
-            runner = progressive.slabs.runner  # leased, checked and admitted by start_slabs
+            runner = arrival.slabs.runner  # leased, checked and admitted by start_slabs
             if record is not None:
                 record.model, record.model_version = runner.config.name, runner.config.version
                 record.study_hash = hash_uid(volume.source.study_instance_uid) if volume.source is not None else ""
@@ -348,6 +349,21 @@ class ReadingServicer(RoutingRPCs, pb_grpc.ReadingServiceServicer):
             limits=self._limits,
             io_executor=self._io_executor,
             decode_workers=self.decode_workers,
+            deadline_s=deadline_s,
+            reserve=reserve,
+        )
+
+    def _streamed(
+        self, upload: uploads.Upload, deadline_s: float | None, reserve: Callable[[int], None]
+    ) -> StreamedRead | None:
+        """A streamed NIfTI or RAW read decoded as its bytes arrive, and read by slab when its model can be."""
+        return start_streamed(
+            upload.header,
+            upload.request_id,
+            registry=self._registry,
+            admission=self.admission,
+            limits=self._limits,
+            io_executor=self._io_executor,
             deadline_s=deadline_s,
             reserve=reserve,
         )

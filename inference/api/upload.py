@@ -101,7 +101,8 @@ class UploadAssembler:
         self.reserve = reserve
         self.upload: Upload | None = None
 
-    def add(self, message: pb.ReadRequest) -> None:
+    def add(self, message: pb.ReadRequest) -> bytes | None:
+        """Take one message; returns a chunk's bytes (kept), None for the header."""
         limits = self.limits
         kind = message.WhichOneof("kind")
         if kind == "header":
@@ -109,7 +110,7 @@ class UploadAssembler:
                 raise InvalidInputError("the header was sent twice; send it once, as the first message")
             self.upload = Upload(message.header, _request_id(message.header))
             request_id_var.set(self.upload.request_id)  # so that a failure while chunks arrive is logged under it
-            return
+            return None
         upload = self.upload
         if upload is None:
             raise InvalidInputError("the first message of a Read must be the header")
@@ -147,6 +148,7 @@ class UploadAssembler:
             upload.files.append(bytearray())
         upload.total_bytes += len(data)
         upload.files[index] += data
+        return data
 
     def finish(self) -> Upload:
         upload = self.upload
@@ -163,12 +165,15 @@ async def receive(
     policy: ReceivePolicy | None = None,
     reserve: Callable[[int], None] | None = None,
     file_done: Callable[[Upload, int], None] | None = None,
+    chunk_added: Callable[[Upload, int, bytes], None] | None = None,
 ) -> Upload:
     """Collect the header and the payload chunks, enforcing the limits as they arrive and the receive deadline of
     ``policy`` between them (:class:`ReceiveTimeoutError`, DEADLINE_EXCEEDED, when the client is too slow).
 
     ``file_done(upload, index)`` is called as soon as file ``index`` is complete (the first chunk of the next file
-    has arrived, or the stream has ended): a progressive read starts decoding it while the rest arrives."""
+    has arrived, or the stream has ended): a progressive read starts decoding it while the rest arrives.
+    ``chunk_added(upload, index, data)`` is called with each chunk of file ``index`` once it is kept (a NIfTI or RAW
+    read decodes its planes as they arrive)."""
     policy = policy or ReceivePolicy()
     start = time.monotonic()
     assembler = UploadAssembler(limits, reserve)
@@ -186,7 +191,9 @@ async def receive(
         except TimeoutError:
             raise ReceiveTimeoutError(policy.overdue(first_chunk_at, received, time.monotonic(), start)) from None
         n_files = len(assembler.upload.files) if assembler.upload is not None else 0
-        assembler.add(message)
+        data = assembler.add(message)
+        if chunk_added is not None and data is not None:
+            chunk_added(assembler.upload, len(assembler.upload.files) - 1, data)
         if first_chunk_at is None and assembler.upload is not None and assembler.upload.files:
             first_chunk_at = time.monotonic()
         if file_done is not None and n_files and len(assembler.upload.files) > n_files:

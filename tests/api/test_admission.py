@@ -134,7 +134,13 @@ def test_a_read_whose_deadline_passes_in_the_queue_is_dropped_and_the_queue_drai
     try:
         before = metrics(server)[ITEMS_RUN]
         blocker = client.read_future([large[1]], payload_kind=pb.RAW, raw=large[2], timeout_s=300)
-        wait_for(lambda: metrics(server)[QUEUE] > 0, what="the large read's items to queue")
+        # A RAW upload is read by slab: its patches queue as its x-planes arrive. Wait until all of them have
+        # (queued or run, at most one batch in flight), so that the small read's patch queues behind them.
+        batch = LUNG.batching.max_batch_size
+        wait_for(
+            lambda: (m := metrics(server))[QUEUE] + m[ITEMS_RUN] - before >= large_items - batch,
+            what="the large read's items to queue",
+        )
         with pytest.raises(grpc.RpcError) as failed:  # queued behind the large read's items
             client.read([small[1]], payload_kind=pb.RAW, raw=small[2], timeout_s=1.0)
         assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

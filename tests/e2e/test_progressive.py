@@ -1,5 +1,8 @@
 """End to end: a study read while it arrives gives the whole-study read's findings (issue #15).
 
+DICOM files, and the same study as a .nii, a .nii.gz and a RAW array: those are decoded plane by plane as their
+bytes arrive and, for the CT model, read by slab with no ``expected_instances`` (their header states the grid).
+
 The real server and the bundled models on small phantoms. The CT model reads progressively (model.yaml
 ``progressive: true``): with ``expected_instances`` its patches are preprocessed and inferred as their slices arrive,
 in order, reversed or shuffled; the MR model cannot (a whole-volume z-score and bias field) and reads the same
@@ -9,8 +12,10 @@ within 0.1 mm, scores within 1e-4; and the CT reads must find the planted nodule
 
 from __future__ import annotations
 
+import gzip
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -21,6 +26,8 @@ from inference.api.gen.radserve.v1 import reading_pb2 as pb  # noqa: E402
 from inference.api.gen.radserve.v1 import reading_pb2_grpc as pb_grpc  # noqa: E402
 from inference.cli import main as cli_main  # noqa: E402
 from inference.client import MAX_MESSAGE_BYTES, iter_requests  # noqa: E402
+from inference.io.dicom import read_dicom_series  # noqa: E402
+from inference.io.volume import LPS_TO_RAS  # noqa: E402
 from inference.phantoms import (  # noqa: E402
     make_brain_mr,
     make_chest_ct,
@@ -54,8 +61,17 @@ def ct_study(tmp_path_factory):
     return phantom, [f.read_bytes() for f in files], folder
 
 
-def read(stub, files: list[bytes], order, *, model: str, expected: int | None = None, rate: float | None = None):
-    header = pb.ReadHeader(model=model, payload=pb.DICOM_FILES)
+def read(
+    stub,
+    files: list[bytes],
+    order,
+    *,
+    model: str,
+    expected: int | None = None,
+    rate: float | None = None,
+    header: pb.ReadHeader | None = None,
+):
+    header = header or pb.ReadHeader(model=model, payload=pb.DICOM_FILES)
     if expected is not None:
         header.expected_instances = expected
     requests = list(iter_requests(header, [files[i] for i in order], chunk_bytes=256 * 1024))
@@ -99,6 +115,55 @@ def test_patches_run_while_the_upload_goes_on(stub, ct_study, ct_whole):
     findings, timing = read(stub, files, range(len(files)), model="lung_nodule_ct", expected=len(files), rate=2e6)
     assert timing["patches_before_upload_end"] >= 1, timing
     assert same_findings(findings, ct_whole)
+
+
+@pytest.fixture(scope="module")
+def ct_payloads(ct_study):
+    """The DICOM study as a .nii, a .nii.gz (int16, sform) and a RAW int16 array with its LPS affine: the same voxels
+    (integer HU) on the same grid, up to the sform's float32 rounding."""
+    _, files, _ = ct_study
+    volume = read_dicom_series(files)
+    hu = volume.voxels.astype(np.int16)
+    assert np.array_equal(hu, volume.voxels)
+    image = nib.Nifti1Image(hu, LPS_TO_RAS @ volume.affine)
+    image.set_sform(LPS_TO_RAS @ volume.affine, code=1)
+    nii = image.to_bytes()
+    raw = pb.RawArray(dtype="int16", shape=list(hu.shape), affine=volume.affine.ravel().tolist())
+    return {
+        "nii": (pb.ReadHeader(model="lung_nodule_ct", payload=pb.NIFTI, modality="CT"), nii),
+        "nii.gz": (pb.ReadHeader(model="lung_nodule_ct", payload=pb.NIFTI, modality="CT"), gzip.compress(nii)),
+        "raw": (pb.ReadHeader(model="lung_nodule_ct", payload=pb.RAW, modality="CT", raw=raw), hu.tobytes()),
+    }
+
+
+@pytest.mark.parametrize("kind", ["nii", "nii.gz", "raw"])
+def test_nifti_and_raw_uploads_are_read_by_slab_with_the_dicom_whole_study_findings(stub, ct_payloads, ct_whole, kind):
+    """At 2 MB/s: a .nii's z-slices complete the first patch row before its last byte. The .nii.gz is two chunks
+    of 256 KiB (the phantom compresses well), and a RAW array's x-planes (its grid's slices) cover both patch rows'
+    x-extent only at the end; their slab reads answer all the same."""
+    header, payload = ct_payloads[kind]
+    findings, timing = read(stub, [payload], [0], model="lung_nodule_ct", header=header, rate=2e6)
+    assert "patches_before_upload_end" in timing, timing  # the slab path answered
+    if kind == "nii":
+        assert timing["patches_before_upload_end"] >= 1, timing
+    assert same_findings(findings, ct_whole), (findings, ct_whole)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "one byte flipped"])
+def test_a_damaged_nifti_keeps_the_whole_payload_reader_s_status_and_message(stub, ct_payloads, damage):
+    """The stream leaves what it cannot prove to the whole-payload reader: the same error as a read of the same
+    bytes by reference would give (here: read_nifti's message, INVALID_ARGUMENT)."""
+    header, payload = ct_payloads["nii.gz"]
+    if damage == "truncated":
+        payload = payload[: len(payload) - 1000]
+    else:
+        payload = bytearray(payload)
+        payload[-6] ^= 0x01  # the trailer's CRC-32: the voxels inflate, the check fails at the end
+        payload = bytes(payload)
+    with pytest.raises(grpc.RpcError) as caught:
+        read(stub, [payload], [0], model="lung_nodule_ct", header=header, rate=4e6)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "NIfTI gzip stream is corrupt or truncated" in caught.value.details()
 
 
 def test_radserve_read_declares_the_instance_count(server, ct_study, ct_whole, capsys):
@@ -175,3 +240,40 @@ def test_an_xray_declaring_its_one_instance_answers_as_without(stub, tmp_path):
     findings, timing = read(stub, files, [0], model="chest_xray", expected=1)
     assert "patches_before_upload_end" not in timing
     assert same_findings(findings, whole), (findings, whole)
+
+
+@pytest.mark.server
+def test_without_progressive_reads_a_nifti_is_decoded_after_its_last_byte_with_the_same_findings(
+    model_repo, ct_payloads, ct_whole
+):
+    """The operator's switch (`--no-progressive-reads`, the benchmarks' baseline): the whole-study path answers."""
+    import asyncio
+
+    from inference.api.server import RadserveServer
+    from inference.config import ServerConfig
+    from inference.serverproc import free_port
+
+    config = ServerConfig(
+        port=free_port(),
+        models=model_repo("lung_nodule_ct"),
+        device="cpu",
+        metrics_port=0,
+        model_poll_interval_s=0,
+        progressive_reads=False,
+    )
+    header, payload = ct_payloads["nii"]
+
+    async def scenario() -> pb.ReadResponse:
+        server = RadserveServer(config)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                stub = pb_grpc.ReadingServiceStub(channel)
+                return await stub.Read(iter(iter_requests(header, [payload], chunk_bytes=256 * 1024)), timeout=120)
+        finally:
+            await server.stop()
+
+    response = asyncio.run(scenario())
+    assert "patches_before_upload_end" not in response.timing_ms
+    findings = [{"label": f.label, "score": f.score, "center_mm": list(f.center_mm)} for f in response.findings]
+    assert same_findings(findings, ct_whole), (findings, ct_whole)
