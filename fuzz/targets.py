@@ -8,6 +8,10 @@ Input format: byte 0 picks the target (modulo 4), the rest is its payload:
 * ``1`` NIfTI (``.nii`` or ``.nii.gz``): the payload is the file;
 * ``2`` RAW: byte 0 the dtype (index into RAW_DTYPES), bytes 1-3 the shape (each 1..16), bytes 4-15 three
   little-endian float32 spacings, byte 16 the modality (CT, MR, CR, DX), the rest the array bytes;
+
+  both also fed in chunks to their :class:`~inference.io.streaming.PlaneStream` (a streamed read's decode as it
+  arrives), differentially: a stream that returns a volume must return the whole reader's, bit for bit, and a
+  payload the reader refuses must leave the stream without one (an AssertionError otherwise: a finding);
 * ``3`` Read stream: length-prefixed (uint32, little-endian) serialized ReadRequest messages, assembled as the
   server assembles a stream (UploadAssembler, with the server's limits) and then read as the header says.
 """
@@ -17,6 +21,9 @@ from __future__ import annotations
 import contextlib
 import struct
 import warnings
+from collections.abc import Callable
+
+import numpy as np
 
 from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.api.upload import UploadAssembler, read_payload
@@ -24,6 +31,8 @@ from inference.errors import RadserveError
 from inference.io import RAW_DTYPES, InputLimits, read_dicom_series, read_nifti, read_raw
 from inference.io.assembly import SliceAssembly
 from inference.io.dicom import read_dicom_file, read_dicom_header
+from inference.io.streaming import NiftiPlaneStream, PlaneStream, RawPlaneStream
+from inference.io.volume import Volume
 
 FILE_SEPARATOR = b"\x00RADSERVE-FILE\x00"
 MAX_FILES = 8
@@ -55,18 +64,54 @@ def _dicom(payload: bytes) -> None:
     read_dicom_series(files, limits=LIMITS)
 
 
+def _streamed(stream: PlaneStream, payload: bytes) -> Volume | None:
+    """``payload`` fed to ``stream`` in chunks of 1 to 5000 bytes (sizes drawn from the payload's length)."""
+    position, i = 0, 0
+    while position < len(payload):
+        size = 1 + (i * 7919 + len(payload)) % 5000
+        for k in stream.feed(payload[position : position + size]):
+            stream.plane(k)
+        position, i = position + size, i + 1
+    return stream.volume()
+
+
+def _agrees(streamed: Volume | None, read: Callable[[], Volume]) -> None:
+    """The whole reader's answer; the streamed volume, when there is one, must be it."""
+    try:
+        volume = read()
+    except RadserveError:
+        if streamed is not None:
+            raise AssertionError("the streamed decode gave a volume for a payload its reader refuses") from None
+        raise
+    if streamed is None:
+        return
+    same = (
+        streamed.voxels.shape == volume.voxels.shape
+        and np.array_equal(streamed.voxels, volume.voxels)
+        and np.array_equal(streamed.affine, volume.affine)
+        and (streamed.modality, streamed.warnings) == (volume.modality, volume.warnings)
+    )
+    if not same:
+        raise AssertionError("the streamed decode's volume differs from its reader's")
+
+
 def _nifti(payload: bytes) -> None:
-    read_nifti(payload, modality="MR", limits=LIMITS)
+    streamed = _streamed(NiftiPlaneStream("MR", LIMITS), payload)
+    _agrees(streamed, lambda: read_nifti(payload, modality="MR", limits=LIMITS))
 
 
 def _raw(payload: bytes) -> None:
     if len(payload) < 17:
         return
-    dtype = RAW_DTYPES[payload[0] % len(RAW_DTYPES)]
-    shape = tuple(1 + b % 16 for b in payload[1:4])
-    spacing = struct.unpack("<3f", payload[4:16])
-    read_raw(payload[17:], dtype=dtype, shape=shape, spacing_mm=spacing, modality=MODALITIES[payload[16] % 4],
-             limits=LIMITS)  # fmt: skip
+    description = {
+        "dtype": RAW_DTYPES[payload[0] % len(RAW_DTYPES)],
+        "shape": tuple(1 + b % 16 for b in payload[1:4]),
+        "affine": None,
+        "spacing_mm": struct.unpack("<3f", payload[4:16]),
+        "modality": MODALITIES[payload[16] % 4],
+    }
+    streamed = _streamed(RawPlaneStream(**description, limits=LIMITS), payload[17:])
+    _agrees(streamed, lambda: read_raw(payload[17:], **description, limits=LIMITS))
 
 
 def _stream(payload: bytes) -> None:

@@ -254,6 +254,10 @@ class ReadingServicer(RoutingRPCs, pb_grpc.ReadingServiceServicer):
             if record is not None:
                 record.model, record.model_version = runner.config.name, runner.config.version
                 record.study_hash = hash_uid(volume.source.study_instance_uid) if volume.source is not None else ""
+            shadow = self.shadow.sample(runner.config.name, runner.config.version)
+            if shadow is not None and arrival.streamed is not None:  # decoded whole (a DICOM slab read is not)
+                peak_bytes = estimate_peak_bytes(volume, runner.config)
+                self.shadow.submit(shadow, volume, result.findings, upload.request_id, peak_bytes)
             return await self._answer(upload, runner, result, wanted, source_datasets, start, decode_ms, record)
         runner = await held.enter_async_context(
             self._registry.lease(header.model or None, header.model_version or None, volume.modality)
@@ -266,17 +270,12 @@ class ReadingServicer(RoutingRPCs, pb_grpc.ReadingServiceServicer):
         await held.enter_async_context(self.admission.compute(estimate_peak_bytes(volume, runner.config), deadline_s))
         if deadline_s is not None and time.monotonic() >= deadline_s:
             raise DeadlineExceededError(f"read {upload.request_id} passed its deadline before preprocessing")
+        priority = Priority.STAT if header.priority == pb.STAT else Priority.ROUTINE
+        shape, megabytes = "x".join(map(str, volume.shape)), upload.total_bytes / 1e6
         logger.info(
             "request %s: %s %s study %s, %d files, %.1f MB -> %s",
-            upload.request_id,
-            volume.modality,
-            "STAT" if header.priority == pb.STAT else "ROUTINE",
-            "x".join(map(str, volume.shape)),
-            n_files,
-            upload.total_bytes / 1e6,
-            runner.key,
+            *(upload.request_id, volume.modality, priority.name, shape, n_files, megabytes, runner.key),
         )
-        priority = Priority.STAT if header.priority == pb.STAT else Priority.ROUTINE
         read = runner.read(volume, request_id=upload.request_id, priority=priority, deadline_s=deadline_s)
         shadow = self.shadow.sample(runner.config.name, runner.config.version)
         # A shadowed read's voxels are kept for the shadow version (reserved in the memory budget when it is queued).

@@ -21,6 +21,8 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
 
+import numpy as np
+
 from inference.api.admission import Admission
 from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.api.progressive import StartSlabs, slab_starter
@@ -96,21 +98,25 @@ class StreamedRead:
             loop = asyncio.get_running_loop()
             placed = await loop.run_in_executor(self._io, self.stream.feed, data)
         stream = self.stream
-        if stream.grid is not None and self._starting is None and stream.failed is None:
+        if stream.failed is not None:
+            if self.slabs is not None:  # its answer would be discarded: stop its work now
+                self.slabs.cancel()
+            return
+        if stream.grid is not None and self._starting is None:
             self._starting = asyncio.get_running_loop().create_task(self._start())
         if placed and self.slabs is not None:
             self.slabs.slices_arrived(placed)
 
     async def _start(self) -> None:
         stream = self.stream
-        first = Volume(voxels=stream.voxels[:0, :0, :0], affine=stream.grid.affine, modality=stream.modality)
+        first = Volume(voxels=np.zeros((0, 0, 0), np.float32), affine=stream.grid.affine, modality=stream.modality)
         try:
             self.slabs = await self._start_slabs(first, stream.grid, stream.plane)
         except RadserveError as exc:  # the whole-study path, at the end, raises it again for the right reason
             logger.debug("request %s: no progressive read (%s)", self.request_id, type(exc).__name__)
             await self.stack.aclose()
             return
-        if self.slabs is not None:
+        if self.slabs is not None and stream.failed is None:
             self.slabs.slices_arrived(list(range(stream.planes_done)))
 
     async def finish(self) -> tuple[Volume | None, ReadResult | None]:

@@ -85,11 +85,11 @@ class PlaneStream(ABC):
         return []
 
     def fail(self, why: str) -> None:
-        """Stop decoding (the whole-payload reader reads the upload instead) and free the volume."""
+        """Stop decoding (the whole-payload reader reads the upload instead). The planes converted stay readable
+        (a slab read may be filling from them in another thread) until the stream is dropped with its read."""
         if self.failed is None:
             self.failed = why
             logger.debug("streamed decode stopped: %s", why)
-        self.voxels = None
         self._pending = bytearray()
 
     def plane(self, k: int) -> np.ndarray:

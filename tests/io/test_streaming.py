@@ -179,4 +179,4 @@ def test_planes_are_reserved_as_they_are_converted_and_a_refusal_stops_the_strea
 
     refused = NiftiPlaneStream("CT", InputLimits(), reserve=refuse)
     feed(refused, raw)
-    assert refused.failed == "OverloadedError" and refused.volume() is None and refused.voxels is None
+    assert refused.failed == "OverloadedError" and refused.volume() is None and refused.planes_done == 0
