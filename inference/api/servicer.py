@@ -254,8 +254,9 @@ class ReadingServicer(RoutingRPCs, pb_grpc.ReadingServiceServicer):
             if record is not None:
                 record.model, record.model_version = runner.config.name, runner.config.version
                 record.study_hash = hash_uid(volume.source.study_instance_uid) if volume.source is not None else ""
-            shadow = self.shadow.sample(runner.config.name, runner.config.version)
-            if shadow is not None and arrival.streamed is not None:  # decoded whole (a DICOM slab read is not)
+            # A NIfTI or RAW slab read's volume is decoded whole (a DICOM slab read's is not): a shadow may read it.
+            shadow = self.shadow.sample(runner.config.name, runner.config.version) if arrival.streamed else None
+            if shadow is not None:
                 peak_bytes = estimate_peak_bytes(volume, runner.config)
                 self.shadow.submit(shadow, volume, result.findings, upload.request_id, peak_bytes)
             return await self._answer(upload, runner, result, wanted, source_datasets, start, decode_ms, record)

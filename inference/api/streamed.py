@@ -85,11 +85,12 @@ class StreamedRead:
         self._lock = asyncio.Lock()  # one chunk at a time, in arrival order (waiters are woken first in, first out)
         self._tasks: list[asyncio.Task] = []
         self._starting: asyncio.Task | None = None
+        self._more_files = False
 
     def chunk_added(self, index: int, data: bytes) -> None:
         """Chunk ``data`` of file ``index`` arrived: feed it to the stream (on the running loop, without waiting)."""
-        if index != 0:
-            self.stream.fail("more than one file")  # the whole-study path refuses it, with its message
+        if index != 0:  # a second file: the whole-study path refuses it, with its message
+            self._more_files = True
             return
         self._tasks.append(asyncio.get_running_loop().create_task(self._feed(data)))
 
@@ -125,9 +126,10 @@ class StreamedRead:
         await asyncio.gather(*self._tasks)
         if self._starting is not None:
             await self._starting
-        volume = self.stream.volume()
+        volume = None if self._more_files else self.stream.volume()
         if volume is None:
-            logger.debug("request %s: whole-payload decode (%s)", self.request_id, self.stream.failed or "incomplete")
+            why = "more than one file" if self._more_files else self.stream.failed or "incomplete"
+            logger.debug("request %s: whole-payload decode (%s)", self.request_id, why)
             await self.aclose()
             return None, None
         slabs = self.slabs
