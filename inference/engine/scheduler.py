@@ -175,10 +175,14 @@ class Scheduler:
         self._size += n
 
     def next_batch(self, max_batch_size: int) -> list[WorkItem]:
-        """Up to ``max_batch_size`` items: STAT, then ROUTINE, then SHADOW; FIFO within a priority."""
+        """Up to ``max_batch_size`` items: STAT, then ROUTINE, then SHADOW; FIFO within a priority. When two
+        batches drain the queue, they are balanced (9 items at 4: 4, then 3 and 2; not 4, 4 and 1): as many forward
+        passes, and no straggler of one item, which costs a padded pair on the CPU (docs/decisions.md)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size!r}")
         self._sweep(time.monotonic())
+        if max_batch_size < len(self) < 2 * max_batch_size:
+            max_batch_size = (len(self) + 1) // 2
         batch: list[WorkItem] = []
         for queue in self._queues.values():
             while queue and len(batch) < max_batch_size:

@@ -199,6 +199,25 @@ def test_stat_items_run_before_routine_and_fifo_within_a_priority() -> None:
     run(body())
 
 
+@pytest.mark.parametrize(
+    ("queued", "sizes"), [(9, [4, 3, 2]), (5, [3, 2]), (7, [4, 3]), (8, [4, 4]), (12, [4, 4, 4]), (3, [3])]
+)
+def test_the_two_batches_that_drain_the_queue_are_balanced(queued: int, sizes: list[int]) -> None:
+    """No straggler of one item (a padded pair on the CPU), and never more forward passes than filling each."""
+
+    async def body() -> list[int]:
+        scheduler = Scheduler(32, name="lung")
+        handle = RequestHandle("r", queued, asyncio.get_running_loop().create_future(), Priority.ROUTINE, None)
+        scheduler.add(handle, [WorkItem(handle, i, torch.zeros(ITEM_SHAPE)) for i in range(queued)])
+        drained = []
+        while batch := scheduler.next_batch(4):
+            drained.append(len(batch))
+        return drained
+
+    assert run(body()) == sizes
+    assert len(sizes) == -(-queued // 4)
+
+
 def test_scheduler_orders_by_priority_then_arrival_and_drops_expired_reads() -> None:
     async def body() -> None:
         loop = asyncio.get_running_loop()
