@@ -180,3 +180,14 @@ def test_planes_are_reserved_as_they_are_converted_and_a_refusal_stops_the_strea
     refused = NiftiPlaneStream("CT", InputLimits(), reserve=refuse)
     feed(refused, raw)
     assert refused.failed == "OverloadedError" and refused.volume() is None and refused.planes_done == 0
+
+
+def test_a_defect_in_the_stream_leaves_the_payload_to_the_whole_reader(monkeypatch, caplog):
+    def broken(self, buffer, first, count):
+        raise ValueError("a defect")
+
+    monkeypatch.setattr(NiftiPlaneStream, "_convert", broken)
+    stream = NiftiPlaneStream("CT", InputLimits())
+    feed(stream, nifti_bytes(phantom(np.int16)))
+    assert stream.failed == "unexpected ValueError" and stream.volume() is None
+    assert "streamed decode failed unexpectedly (ValueError)" in caplog.text
