@@ -52,7 +52,7 @@ from inference.serving.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ProgressiveRead", "StartSlabs", "expected_instances", "slab_starter", "start_progressive"]
+__all__ = ["ProgressiveRead", "StartSlabs", "expected_instances", "slab_starter"]
 
 _FATAL = (DecodeTimeoutError, WorkerCrashedError, DeadlineExceededError, OverloadedError)
 _DEFLATED = b"1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: its inflate budget is per study
@@ -262,40 +262,3 @@ def slab_starter(
         )
 
     return start_slabs
-
-
-def start_progressive(
-    header: pb.ReadHeader,
-    request_id: str,
-    *,
-    registry: ModelRegistry,
-    admission: Admission,
-    limits: InputLimits,
-    io_executor: Executor,
-    decode_workers: DecodeWorkers | None,
-    deadline_s: float | None,
-    reserve: Callable[[int], None],
-) -> ProgressiveRead:
-    """The servicer's :class:`ProgressiveRead` of one streamed DICOM read (its slab read: :func:`slab_starter`)."""
-    stack = contextlib.AsyncExitStack()
-    start_slabs = slab_starter(
-        header,
-        request_id,
-        stack,
-        registry=registry,
-        admission=admission,
-        limits=limits,
-        io_executor=io_executor,
-        deadline_s=deadline_s,
-    )
-    return ProgressiveRead(
-        header,
-        request_id=request_id,
-        limits=limits,
-        io_executor=io_executor,
-        decode_workers=decode_workers,
-        deadline_s=deadline_s,
-        reserve=reserve,
-        start_slabs=start_slabs,
-        stack=stack,
-    )

@@ -12,7 +12,7 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +32,9 @@ from inference.api.gen.radserve.v1 import reading_pb2 as pb
 from inference.api.gen.radserve.v1 import reading_pb2_grpc as pb_grpc
 from inference.api.ingest import IngestPolicy
 from inference.api.interceptors import call_record_var, request_id_var
-from inference.api.progressive import ProgressiveRead, expected_instances, start_progressive
+from inference.api.progressive import expected_instances
 from inference.api.routing import RoutingRPCs, model_info
 from inference.api.security import PermissionDeniedError, check_model_allowed, tenant_var
-from inference.api.streamed import StreamedRead, start_streamed
 from inference.config import PromotionPolicy
 from inference.engine.runner import ModelRunner, ReadResult
 from inference.engine.scheduler import Priority
@@ -213,8 +212,13 @@ class ReadingServicer(RoutingRPCs, pb_grpc.ReadingServiceServicer):
 
         held.callback(lambda: memory.release(held_upload_bytes))
         arrival = Arrival(
-            dicom=lambda upload: self._progressive(upload, deadline_s, reserve_upload),
-            one_file=lambda upload: self._streamed(upload, deadline_s, reserve_upload),
+            registry=self._registry,
+            admission=self.admission,
+            limits=self._limits,
+            io_executor=self._io_executor,
+            decode_workers=self.decode_workers,
+            deadline_s=deadline_s,
+            reserve=reserve_upload,
             held=held,
         )
         with self.admission.upload():
@@ -336,37 +340,6 @@ class ReadingServicer(RoutingRPCs, pb_grpc.ReadingServiceServicer):
             fhir_bundle=derived.fhir.decode("utf-8"),
         )
         return ReadOutcome(summary, derived)
-
-    def _progressive(
-        self, upload: uploads.Upload, deadline_s: float | None, reserve: Callable[[int], None]
-    ) -> ProgressiveRead:
-        """A streamed DICOM read decoded as its files arrive, and read by slab when its model can be."""
-        return start_progressive(
-            upload.header,
-            upload.request_id,
-            registry=self._registry,
-            admission=self.admission,
-            limits=self._limits,
-            io_executor=self._io_executor,
-            decode_workers=self.decode_workers,
-            deadline_s=deadline_s,
-            reserve=reserve,
-        )
-
-    def _streamed(
-        self, upload: uploads.Upload, deadline_s: float | None, reserve: Callable[[int], None]
-    ) -> StreamedRead | None:
-        """A streamed NIfTI or RAW read decoded as its bytes arrive, and read by slab when its model can be."""
-        return start_streamed(
-            upload.header,
-            upload.request_id,
-            registry=self._registry,
-            admission=self.admission,
-            limits=self._limits,
-            io_executor=self._io_executor,
-            deadline_s=deadline_s,
-            reserve=reserve,
-        )
 
     async def _decode(self, upload: uploads.Upload, deadline_s: float | None) -> Volume:
         """The payload -> Volume: streamed DICOM and NIfTI in a decode worker process (inference.io.workers), which

@@ -23,21 +23,19 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from inference.api.admission import Admission
 from inference.api.gen.radserve.v1 import reading_pb2 as pb
-from inference.api.progressive import StartSlabs, slab_starter
-from inference.api.upload import MODALITIES
+from inference.api.progressive import StartSlabs
+from inference.api.upload import MODALITIES, raw_description
 from inference.engine.progressive import SlabRead
 from inference.engine.runner import ReadResult
 from inference.errors import RadserveError
 from inference.io.limits import InputLimits
 from inference.io.streaming import NiftiPlaneStream, PlaneStream, RawPlaneStream
 from inference.io.volume import Volume
-from inference.serving.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StreamedRead", "plane_stream", "start_streamed"]
+__all__ = ["StreamedRead", "plane_stream"]
 
 
 def plane_stream(
@@ -51,16 +49,7 @@ def plane_stream(
     if header.payload == pb.NIFTI:
         return NiftiPlaneStream(modality, limits, reserve)
     if header.payload == pb.RAW:
-        raw = header.raw
-        return RawPlaneStream(
-            dtype=raw.dtype,
-            shape=tuple(raw.shape),
-            affine=tuple(raw.affine) or None,
-            spacing_mm=tuple(raw.spacing_mm) or None,
-            modality=modality,
-            limits=limits,
-            reserve=reserve,
-        )
+        return RawPlaneStream(**raw_description(header.raw), modality=modality, limits=limits, reserve=reserve)
     return None
 
 
@@ -147,33 +136,3 @@ class StreamedRead:
         if self.slabs is not None:
             self.slabs.cancel()
         await self.stack.aclose()
-
-
-def start_streamed(
-    header: pb.ReadHeader,
-    request_id: str,
-    *,
-    registry: ModelRegistry,
-    admission: Admission,
-    limits: InputLimits,
-    io_executor: Executor,
-    deadline_s: float | None,
-    reserve: Callable[[int], None],
-) -> StreamedRead | None:
-    """The servicer's :class:`StreamedRead` of one streamed read; None for other payloads (DICOM files:
-    :func:`~inference.api.progressive.start_progressive`) and for a modality the whole-study path refuses."""
-    stream = plane_stream(header, limits, reserve)
-    if stream is None:
-        return None
-    stack = contextlib.AsyncExitStack()
-    start_slabs = slab_starter(
-        header,
-        request_id,
-        stack,
-        registry=registry,
-        admission=admission,
-        limits=limits,
-        io_executor=io_executor,
-        deadline_s=deadline_s,
-    )
-    return StreamedRead(stream, request_id=request_id, io_executor=io_executor, start_slabs=start_slabs, stack=stack)

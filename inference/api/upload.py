@@ -238,15 +238,18 @@ def reader_for(header: pb.ReadHeader, payload: int, limits: InputLimits) -> Volu
         raise InvalidInputError(f"header.modality must be one of {MODALITIES}, got {quote(header.modality, 32)}")
     if payload == pb.NIFTI:
         return NiftiReader(modality=modality, limits=limits)
-    raw = header.raw
-    return RawReader(
-        dtype=raw.dtype,
-        shape=tuple(raw.shape),
-        affine=tuple(raw.affine) or None,
-        spacing_mm=tuple(raw.spacing_mm) or None,
-        modality=modality,
-        limits=limits,
-    )
+    return RawReader(**raw_description(header.raw), modality=modality, limits=limits)
+
+
+def raw_description(raw: pb.RawArray) -> dict:
+    """A RAW payload's description as :class:`RawReader` and :class:`~inference.io.streaming.RawPlaneStream` take
+    it (checked by them: :func:`inference.io.raw.raw_layout`)."""
+    return {
+        "dtype": raw.dtype,
+        "shape": tuple(raw.shape),
+        "affine": tuple(raw.affine) or None,
+        "spacing_mm": tuple(raw.spacing_mm) or None,
+    }
 
 
 def check_file_count(reader: VolumeReader, payload: int, files: list) -> None:

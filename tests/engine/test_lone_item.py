@@ -2,12 +2,11 @@
 3-4 times slower than oneDNN's at N=2; docs/decisions.md), and gets the answer it gets alone.
 
 The real lung nodule network, seeded, with its classification layer re-drawn wide so that a patch has detections
-to compare (as in test_oom.py). The backend is the real TorchBackend, wrapped only to record batch sizes.
+to compare (conftest.py). The backend is the real TorchBackend, wrapped only to record batch sizes.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,12 +16,9 @@ import torch
 from inference.backends.base import Backend
 from inference.backends.torch import TorchBackend
 from inference.engine.runner import ModelRunner
-from inference.modelrepo.schema import ModelConfig
 from inference.platform import pairs_lone_item
-from inference.tasks.detection import DetectionTask
 from inference.tasks.direct import forward_items
 
-ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 
 
@@ -46,14 +42,8 @@ class Recording(Backend):
 
 
 @pytest.fixture(scope="module")
-def parts():
-    config = ModelConfig.from_yaml(ROOT / "models" / "lung_nodule_ct" / "1" / "model.yaml")
-    task = DetectionTask(config, CPU)
-    torch.manual_seed(0)
-    network = task.build_network()
-    with torch.no_grad():
-        torch.nn.init.normal_(network.classification_head.cls_logits.weight, std=0.5)
-        network.classification_head.cls_logits.bias.zero_()
+def parts(wide_lung_network):
+    config, task, network = wide_lung_network
     item = torch.rand((1, 96, 96, 96), generator=torch.Generator().manual_seed(1))
     return config, task, network, TorchBackend(network, CPU), item
 

@@ -11,7 +11,6 @@ classification layer re-drawn wide (no trained weights needed), so that the patc
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,11 +22,8 @@ from inference.backends.base import Backend
 from inference.backends.torch import DeviceWork, TorchBackend
 from inference.engine.runner import ModelRunner, ReadResult
 from inference.errors import LimitExceededError
-from inference.modelrepo.schema import ModelConfig
 from inference.phantoms import make_chest_ct
-from inference.tasks.detection import DetectionTask
 
-ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 
 
@@ -66,14 +62,8 @@ class OomInjector(Backend):
 
 
 @pytest.fixture(scope="module")
-def parts():
-    config = ModelConfig.from_yaml(ROOT / "models" / "lung_nodule_ct" / "1" / "model.yaml")
-    task = DetectionTask(config, CPU)
-    torch.manual_seed(0)
-    network = task.build_network()
-    with torch.no_grad():  # freshly initialised, every score sits at the prior (0.01): spread them
-        torch.nn.init.normal_(network.classification_head.cls_logits.weight, std=0.5)
-        network.classification_head.cls_logits.bias.zero_()
+def parts(wide_lung_network):
+    config, task, network = wide_lung_network
     backend = TorchBackend(network, CPU)
     # 160 mm per side in-plane: 2 x 2 x 1 patches of 96^3 at 1.5 mm, i.e. one batch of 4 (max_batch_size 4).
     phantom = make_chest_ct(3, shape=(160, 160, 40), pixel_spacing_mm=1.0, slice_spacing_mm=2.5, n_nodules=1)
