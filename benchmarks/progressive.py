@@ -104,6 +104,47 @@ def same_findings(a: list[dict], b: list[dict]) -> bool:
     )
 
 
+Target = tuple[Any, Sequence[pb.ReadRequest]]  # a server's stub, and the Read stream sent to it
+
+
+def measure_modes(
+    full: dict[str, Target],
+    throttled: dict[str, Target],
+    rates: Sequence[float],
+    repeats: int = 1,
+    on_row: Callable[[list[dict]], None] | None = None,
+) -> list[dict]:
+    """Rows: each of ``full`` at full speed, then per rate each of ``throttled`` (the best of ``repeats`` each), with
+    its ratio against every full-speed row (``ratio_vs_full``, ``ratio_vs_full_counted``) and whether its findings
+    are the first full-speed row's. ``on_row(rows)`` is called after each row (the GPU run keeps what a step cut
+    short had measured)."""
+
+    def best(target: Target, rate: float | None) -> dict:
+        stub, requests = target
+        runs = [timed_read(stub, requests, rate) for _ in range(repeats)]
+        return min(runs, key=lambda r: r["after_last_byte_s"])
+
+    first = next(iter(full.values()))[1]
+    payload_mb = sum(len(r.chunk.data) for r in first if r.WhichOneof("kind") == "chunk") / MB
+    rows: list[dict] = []
+    for mode, target in full.items():
+        rows.append({"mode": mode, "rate_mb_s": None, "payload_mb": payload_mb, **best(target, None)})
+    if on_row is not None:
+        on_row(rows)
+    baselines = list(rows)
+    for rate in rates:
+        for mode, target in throttled.items():
+            run = best(target, rate)
+            for baseline in baselines:
+                key = "ratio_vs_" + baseline["mode"].replace("-", "_")
+                run[key] = run["after_last_byte_s"] / baseline["after_last_byte_s"]
+            run["same_findings"] = same_findings(run["findings"], baselines[0]["findings"])
+            rows.append({"mode": mode, "rate_mb_s": rate, "payload_mb": payload_mb, **run})
+            if on_row is not None:
+                on_row(rows)
+    return rows
+
+
 def measure(
     stub: Any,
     files: Sequence[Path],
@@ -112,35 +153,14 @@ def measure(
     repeats: int = 1,
     on_row: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
-    """Rows for one study: full speed, then per rate progressive and decode-only (the best of ``repeats`` each).
-    ``on_row(rows)`` is called after each row (the GPU run keeps what a step cut short had measured)."""
+    """Rows for one DICOM study: ``full`` and ``full-counted`` (full speed, progressive too: decode and part of the
+    patches overlap the upload), then per rate ``progressive`` and ``decode-only``."""
     with_count = study_requests(files, model, len(files))
     without = study_requests(files, model, None)
-    payload_mb = sum(len(r.chunk.data) for r in without if r.WhichOneof("kind") == "chunk") / MB
     timed_read(stub, without, None)  # warm-up: the model's first read, page cache
-
-    def best(requests: list[pb.ReadRequest], rate: float | None) -> dict:
-        runs = [timed_read(stub, requests, rate) for _ in range(repeats)]
-        return min(runs, key=lambda r: r["after_last_byte_s"])
-
-    full = best(without, None)
-    counted = best(with_count, None)  # full speed, progressive too: decode and half the patches overlap the upload
-    rows = [
-        {"mode": "full", "rate_mb_s": None, "payload_mb": payload_mb, **full},
-        {"mode": "full-counted", "rate_mb_s": None, "payload_mb": payload_mb, **counted},
-    ]
-    if on_row is not None:
-        on_row(rows)
-    for rate in rates:
-        for mode, requests in (("progressive", with_count), ("decode-only", without)):
-            run = best(requests, rate)
-            run["ratio_vs_full"] = run["after_last_byte_s"] / full["after_last_byte_s"]
-            run["ratio_vs_full_counted"] = run["after_last_byte_s"] / counted["after_last_byte_s"]
-            run["same_findings"] = same_findings(run["findings"], full["findings"])
-            rows.append({"mode": mode, "rate_mb_s": rate, "payload_mb": payload_mb, **run})
-            if on_row is not None:
-                on_row(rows)
-    return rows
+    full = {"full": (stub, without), "full-counted": (stub, with_count)}
+    throttled = {"progressive": (stub, with_count), "decode-only": (stub, without)}
+    return measure_modes(full, throttled, rates, repeats, on_row)
 
 
 def one_file_requests(study: Any, payload: str) -> list[pb.ReadRequest]:
@@ -178,25 +198,10 @@ def measure_one_file(
 ) -> list[dict]:
     """Rows for one one-file payload: ``full`` and ``whole-study`` (per rate) on the ``baseline`` server (progressive
     reads off), ``progressive`` (per rate) on ``stub``'s."""
-    payload_mb = sum(len(r.chunk.data) for r in requests if r.WhichOneof("kind") == "chunk") / MB
     timed_read(stub, requests, None)  # warm-up of both servers
     timed_read(baseline, requests, None)
-
-    def best(target: Any, rate: float | None) -> dict:
-        runs = [timed_read(target, requests, rate) for _ in range(repeats)]
-        return min(runs, key=lambda r: r["after_last_byte_s"])
-
-    full = best(baseline, None)
-    rows = [{"mode": "full", "rate_mb_s": None, "payload_mb": payload_mb, **full}]
-    for rate in rates:
-        for mode, target in (("progressive", stub), ("whole-study", baseline)):
-            run = best(target, rate)
-            run["ratio_vs_full"] = run["after_last_byte_s"] / full["after_last_byte_s"]
-            run["same_findings"] = same_findings(run["findings"], full["findings"])
-            rows.append({"mode": mode, "rate_mb_s": rate, "payload_mb": payload_mb, **run})
-            if on_row is not None:
-                on_row(rows)
-    return rows
+    throttled = {"progressive": (stub, requests), "whole-study": (baseline, requests)}
+    return measure_modes({"full": (baseline, requests)}, throttled, rates, repeats, on_row)
 
 
 def format_rows(label: str, rows: list[dict]) -> str:
