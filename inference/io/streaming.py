@@ -68,14 +68,12 @@ class PlaneStream(ABC):
         self.grid: ExpectedGrid | None = None
         self.voxels: np.ndarray | None = None  # the volume's float32 array, filled plane by plane
         self.planes_done = 0
-        self.received = 0  # payload bytes fed
         self._pending = bytearray()  # stored bytes short of a whole plane
 
     def feed(self, data: bytes) -> list[int]:
         """The payload's next bytes: the grid slices they complete (indices into ``grid``)."""
         if self.failed is not None:
             return []
-        self.received += len(data)
         try:
             return self._feed(data)
         except (RadserveError, zlib.error) as exc:  # OverloadedError from reserve included
